@@ -1,0 +1,54 @@
+"""jadapters: NeMo-style adapters for any Flax model.
+
+Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jadapters
+    >>> base = nn.Dense(8)
+    >>> x = jnp.ones((2, 8))
+    >>> params = base.init(jax.random.key(0), x)
+    >>> model = jadapters.with_adapters(base, {"dense": ""})
+    >>> model = model.add_adapter("task", jadapters.LinearAdapter(dim=4))
+    >>> variables = jadapters.init_adapters(model, params, jax.random.key(1), x)
+    >>> model.get_enabled_adapters()
+    ['task']
+"""
+
+from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
+from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
+from jadapters.errors import AdapterError, UnknownAdapterError
+from jadapters.registry import RegisteredAdapter, get_registered_adapter, register_adapter
+from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
+from jadapters.summary import AdapterSummary, adapter_summary
+from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
+from jadapters.tree import ADAPTERS_KEY, count_parameters, merge_trees, split_adapters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS_KEY",
+    "LOSS_COLLECTION",
+    "AdaptedModule",
+    "AdapterContext",
+    "AdapterError",
+    "AdapterSpec",
+    "AdapterSummary",
+    "LinearAdapter",
+    "LoRA",
+    "MHAResidualAdd",
+    "MultiHeadAttentionAdapter",
+    "ParallelAdd",
+    "RegisteredAdapter",
+    "ResidualAdd",
+    "ReturnResult",
+    "Strategy",
+    "UnknownAdapterError",
+    "adapter_summary",
+    "count_parameters",
+    "get_registered_adapter",
+    "init_adapters",
+    "merge_trees",
+    "register_adapter",
+    "split_adapters",
+    "sum_adapter_losses",
+    "with_adapters",
+]

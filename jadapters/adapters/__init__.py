@@ -1,0 +1,7 @@
+"""Adapter networks: pure Flax modules whose output is zero at initialisation."""
+
+from jadapters.adapters.attention import MultiHeadAttentionAdapter
+from jadapters.adapters.linear import LinearAdapter
+from jadapters.adapters.lora import LoRA
+
+__all__ = ["LinearAdapter", "LoRA", "MultiHeadAttentionAdapter"]

@@ -1,0 +1,133 @@
+"""Adapter names (``name``, ``module:name``, ``a+b:name``) and module-path patterns.
+
+Module paths are the '/'-joined names of a Flax module's scope, as they appear
+in the params tree, e.g. ``'encoder/layers_0/fc'``. A target is one of
+
+* an exact path: ``'encoder/layers_0'``;
+* a glob: ``*`` matches within one path segment, ``**`` across segments,
+  ``?`` one character, ``[..]`` a character class: ``'encoder/layers_*'``;
+* a regular expression, given as ``re.compile(...)`` or as the string
+  ``'re:<pattern>'``, matched against the whole path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Iterable, Union
+
+from jadapters.errors import AdapterError
+
+Target = Union[str, "re.Pattern[str]"]
+
+MODULE_SEPARATOR = ":"
+MODULE_JOINER = "+"
+REGEX_PREFIX = "re:"
+
+
+def split_adapter_name(name: str) -> tuple[tuple[str, ...], str]:
+    """Splits ``'module:name'`` into ``(module names, bare name)``.
+
+    A bare name (or ``':name'``) has no module names: it is a global adapter.
+
+    Example:
+        >>> split_adapter_name("encoder+decoder:adapter_0")
+        (('encoder', 'decoder'), 'adapter_0')
+        >>> split_adapter_name("adapter_0")
+        ((), 'adapter_0')
+    """
+    if not isinstance(name, str):
+        raise AdapterError(f"adapter name must be a string, got {name!r}")
+    module_part, sep, bare = name.rpartition(MODULE_SEPARATOR)
+    if not sep:
+        module_part, bare = "", name
+    if not bare or bare != bare.strip() or "/" in bare or MODULE_SEPARATOR in bare:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: expected 'name', 'module:name' or "
+            f"'a+b:name' with a non-empty name free of '/', ':' and surrounding spaces"
+        )
+    modules = tuple(m for m in module_part.split(MODULE_JOINER) if m) if module_part else ()
+    return modules, bare
+
+
+def normalize_target(target: Target) -> str:
+    """Returns the canonical string form of a target (regexes as ``'re:...'``).
+
+    Example:
+        >>> normalize_target(re.compile(r"enc.*"))
+        're:enc.*'
+        >>> normalize_target("encoder/layers_0/")
+        'encoder/layers_0'
+    """
+    if isinstance(target, re.Pattern):
+        return REGEX_PREFIX + target.pattern
+    if not isinstance(target, str):
+        raise AdapterError(f"a target must be a path, glob or regex, got {target!r}")
+    if target.startswith(REGEX_PREFIX):
+        _compile(target)  # fail early on a bad regex
+        return target
+    return target.strip("/")
+
+
+def normalize_targets(targets: Target | Iterable[Target]) -> tuple[str, ...]:
+    """Canonical, de-duplicated tuple of targets, order kept.
+
+    Example:
+        >>> normalize_targets(["a/b", "a/*", "a/b"])
+        ('a/b', 'a/*')
+    """
+    if isinstance(targets, (str, re.Pattern)):
+        targets = [targets]
+    return tuple(dict.fromkeys(normalize_target(t) for t in targets))
+
+
+def _glob_to_regex(glob: str) -> str:
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = glob.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = glob[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(target: str) -> "re.Pattern[str]":
+    if target.startswith(REGEX_PREFIX):
+        try:
+            return re.compile(target[len(REGEX_PREFIX) :])
+        except re.error as e:
+            raise AdapterError(f"invalid regular expression target {target!r}: {e}") from None
+    return re.compile(_glob_to_regex(target))
+
+
+def path_matches(path: str, target: str) -> bool:
+    """Whether a '/'-joined module path matches a canonical target.
+
+    Example:
+        >>> path_matches("encoder/layers_3", "encoder/layers_*")
+        True
+        >>> path_matches("encoder/layers_3/fc", "encoder/layers_*")
+        False
+        >>> path_matches("encoder/layers_3/fc", "re:.*/fc")
+        True
+    """
+    return _compile(target).fullmatch(path) is not None

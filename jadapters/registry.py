@@ -1,0 +1,127 @@
+"""The registry of adapter types, by class and by class path.
+
+Checkpoints record each adapter's type by its registry name, so that they can
+rebuild the adapter from metadata alone. jadapters' own adapters are
+registered on import; register your own with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, TypeVar
+
+from jadapters.errors import AdapterError, UnknownAdapterError
+
+T = TypeVar("T", bound=type)
+
+
+def class_path(cls: type) -> str:
+    """``'module.QualName'`` of a class.
+
+    Example:
+        >>> class_path(dict)
+        'builtins.dict'
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAdapter:
+    """One registry entry: a name and the adapter class it stands for."""
+
+    name: str
+    adapter_class: type
+
+    @property
+    def class_path(self) -> str:
+        return class_path(self.adapter_class)
+
+
+_REGISTRY: dict[str, RegisteredAdapter] = {}
+
+
+def register_adapter(adapter_class: T | None = None, *, name: str | None = None) -> T | Callable[[T], T]:
+    """Registers an adapter class under ``name`` (default: the class name).
+
+    Usable as a decorator. Registering a name or a class twice is an error.
+
+    Example:
+        >>> import flax.linen as nn
+        >>> @register_adapter(name="doc_scale")
+        ... class Scale(nn.Module):
+        ...     def __call__(self, x):
+        ...         return x
+        >>> get_registered_adapter("doc_scale").adapter_class is Scale
+        True
+    """
+
+    def register(cls: T) -> T:
+        if not isinstance(cls, type):
+            raise AdapterError(f"register_adapter expects a class, got {cls!r}")
+        key = name or cls.__name__
+        if key in _REGISTRY:
+            raise AdapterError(
+                f"adapter type {key!r} is already registered "
+                f"(as {_REGISTRY[key].class_path}); choose another name"
+            )
+        for entry in _REGISTRY.values():
+            if entry.adapter_class is cls:
+                raise AdapterError(f"adapter class {class_path(cls)} is already registered as {entry.name!r}")
+        _REGISTRY[key] = RegisteredAdapter(key, cls)
+        return cls
+
+    return register if adapter_class is None else register(adapter_class)
+
+
+def get_registered_adapter(key: str | type) -> RegisteredAdapter | None:
+    """Finds an entry by registry name, class path or class; ``None`` if absent.
+
+    Example:
+        >>> from jadapters.adapters import LinearAdapter
+        >>> get_registered_adapter(LinearAdapter).name
+        'LinearAdapter'
+        >>> get_registered_adapter("jadapters.adapters.linear.LinearAdapter").name
+        'LinearAdapter'
+    """
+    if isinstance(key, type):
+        return next((e for e in _REGISTRY.values() if e.adapter_class is key), None)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    return next((e for e in _REGISTRY.values() if e.class_path == key), None)
+
+
+def registered_name(cls: type) -> str:
+    """The registry name of a class, or its class path when it is not registered.
+
+    Example:
+        >>> registered_name(dict)
+        'builtins.dict'
+    """
+    entry = get_registered_adapter(cls)
+    return entry.name if entry else class_path(cls)
+
+
+def resolve_class(key: str) -> type:
+    """The class behind a registry name or an importable class path.
+
+    Example:
+        >>> resolve_class("LinearAdapter").__name__
+        'LinearAdapter'
+    """
+    entry = get_registered_adapter(key)
+    if entry is not None:
+        return entry.adapter_class
+    module_name, _, qualname = key.rpartition(".")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError):
+        raise UnknownAdapterError(
+            f"no adapter type {key!r}: it is neither registered ({sorted(_REGISTRY)}) "
+            f"nor an importable class path"
+        ) from None
+    if not isinstance(obj, type):
+        raise AdapterError(f"{key!r} names {obj!r}, which is not a class")
+    return obj
