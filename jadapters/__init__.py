@@ -19,6 +19,16 @@ from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.registry import RegisteredAdapter, get_registered_adapter, register_adapter
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
 from jadapters.summary import AdapterSummary, adapter_summary
+from jadapters.training import (
+    TrainState,
+    TrainStep,
+    adapter_optimizer,
+    combine,
+    fit,
+    make_train_step,
+    optimizer_labels,
+    partition,
+)
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
 from jadapters.tree import ADAPTERS_KEY, count_parameters, merge_trees, split_adapters
 
@@ -41,12 +51,20 @@ __all__ = [
     "ResidualAdd",
     "ReturnResult",
     "Strategy",
+    "TrainState",
+    "TrainStep",
     "UnknownAdapterError",
+    "adapter_optimizer",
     "adapter_summary",
+    "combine",
     "count_parameters",
+    "fit",
     "get_registered_adapter",
     "init_adapters",
+    "make_train_step",
     "merge_trees",
+    "optimizer_labels",
+    "partition",
     "register_adapter",
     "split_adapters",
     "sum_adapter_losses",

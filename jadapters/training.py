@@ -1,0 +1,371 @@
+"""Training only the enabled adapters.
+
+:func:`partition` splits a variables tree into the *trainable* adapter params
+and everything else, *frozen*; :func:`combine` joins them back. Neither copies
+an array. A hand-written loop needs nothing more: differentiate w.r.t. the
+trainable tree only, and the base model gets no gradient and no optimizer
+state at all. For code that keeps one params tree, :func:`adapter_optimizer`
+wraps an optax optimizer so that frozen leaves get zero updates and no state.
+
+:func:`make_train_step` builds a jitted step on top of these, and :func:`fit`
+a progress-bar loop around it. The step follows NeMo's
+``unfreeze_enabled_adapters(freeze_batchnorm=True)``: disabled adapters stay
+frozen, and updates the base model makes to its own mutable collections
+(BatchNorm running statistics) are discarded, while those of variables inside
+the trained adapters are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from jadapters.context import LOSS_COLLECTION, sum_adapter_losses
+from jadapters.errors import AdapterError
+from jadapters.transform import AdaptedModule
+from jadapters.tree import adapter_name_at, merge_trees, split_adapters
+
+Which = Literal["enabled", "all"]
+Variables = Mapping[str, Any]
+Batch = Any
+LossFn = Callable[[Any, Batch], "jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]"]
+
+#: Labels of :func:`optimizer_labels`.
+ADAPTER_LABEL, FROZEN_LABEL = "adapter", "frozen"
+
+
+def selected_adapters(adapted: AdaptedModule, which: Which = "enabled") -> list[str]:
+    """Names of the adapters that train: the enabled ones, or ``'all'`` of them.
+
+    Example:
+        >>> import flax.linen as nn
+        >>> from jadapters import LinearAdapter, with_adapters
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""})
+        >>> model = model.add_adapter("a", LinearAdapter(2)).add_adapter("b", LinearAdapter(2), enabled=False)
+        >>> selected_adapters(model), selected_adapters(model, "all")
+        (['a'], ['a', 'b'])
+    """
+    if which == "enabled":
+        return adapted.get_enabled_adapters()
+    if which == "all":
+        return adapted.adapter_names()
+    raise AdapterError(f"which must be 'enabled' or 'all', got {which!r}")
+
+
+def partition(adapted: AdaptedModule, variables: Variables, which: Which = "enabled") -> tuple[dict, dict]:
+    """Splits ``variables`` into ``(trainable, frozen)``.
+
+    ``trainable`` is ``{'params': ...}`` holding the params of the selected
+    adapters (``'enabled'``: NeMo's ``unfreeze_enabled_adapters``, disabled ones
+    stay frozen; ``'all'``: every adapter). ``frozen`` is everything else, all
+    collections included. Leaves are shared with ``variables``, not copied.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> from jadapters import LinearAdapter, with_adapters, init_adapters
+        >>> x = jnp.ones((2, 4))
+        >>> params = nn.Dense(4).init(jax.random.key(0), x)
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+        >>> variables = init_adapters(model, params, jax.random.key(1), x)
+        >>> trainable, frozen = partition(model, variables)
+        >>> sorted(trainable["params"]["__adapters__"]), sorted(frozen["params"])
+        (['a'], ['bias', 'kernel'])
+        >>> frozen["params"]["kernel"] is variables["params"]["kernel"]
+        True
+    """
+    names = selected_adapters(adapted, which)
+    if not names:
+        raise AdapterError(
+            f"no {which} adapters to train; the model has {adapted.adapter_names()} "
+            f"(enable some with set_enabled_adapters, or add one with add_adapter)"
+        )
+    trainable, frozen_params = split_adapters({"params": variables.get("params", {})}, names)
+    if not trainable:
+        raise AdapterError(
+            f"adapters {names} have no params in the variables given: initialise them with "
+            f"jadapters.init_adapters first"
+        )
+    frozen: dict = {}
+    for collection, tree in variables.items():
+        if collection == "params":
+            frozen.update(frozen_params)
+        else:
+            frozen[collection] = tree
+    return trainable, frozen
+
+
+def combine(trainable: Variables, frozen: Variables) -> dict:
+    """Joins what :func:`partition` split: the full variables tree, no copies.
+
+    Example:
+        >>> combine({"params": {"a": 1}}, {"params": {"b": 2}, "batch_stats": {"c": 3}})
+        {'params': {'a': 1, 'b': 2}, 'batch_stats': {'c': 3}}
+    """
+    return merge_trees(trainable, frozen)
+
+
+def optimizer_labels(adapted: AdaptedModule, params: Any, which: Which = "enabled") -> Any:
+    """A tree shaped like ``params``: ``'adapter'`` on the selected adapters' leaves, else ``'frozen'``.
+
+    ``params`` is the ``'params'`` collection (or ``{'params': ...}``).
+
+    Example:
+        >>> import flax.linen as nn
+        >>> from jadapters import LinearAdapter, with_adapters
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+        >>> optimizer_labels(model, {"kernel": 0.0, "__adapters__": {"a": {"up": {"kernel": 0.0}}}})
+        {'__adapters__': {'a': {'up': {'kernel': 'adapter'}}}, 'kernel': 'frozen'}
+    """
+    names = set(selected_adapters(adapted, which))
+
+    def label(path, _):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return ADAPTER_LABEL if adapter_name_at(keys) in names else FROZEN_LABEL
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def adapter_optimizer(
+    tx: optax.GradientTransformation, adapted: AdaptedModule, params: Any, which: Which = "enabled"
+) -> optax.GradientTransformation:
+    """``tx`` on the selected adapters' leaves of ``params``; frozen leaves get zero updates and no state.
+
+    For code that keeps one params tree. It is ``optax.partition`` with
+    ``optax.set_to_zero()`` for frozen leaves, never ``chain(tx, freeze)``,
+    which would allocate ``tx``'s state (e.g. Adam moments) for every frozen
+    weight. Differentiating only the trainable tree (:func:`partition`) also
+    skips the frozen gradients.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
+        >>> from jadapters import LinearAdapter, with_adapters, init_adapters
+        >>> x = jnp.ones((2, 4))
+        >>> params = nn.Dense(4).init(jax.random.key(0), x)
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+        >>> params = init_adapters(model, params, jax.random.key(1), x)["params"]
+        >>> tx = adapter_optimizer(optax.adam(1e-3), model, params)
+        >>> opt_state = tx.init(params)
+        >>> grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
+        >>> updates, opt_state = tx.update(grads, opt_state, params)
+        >>> float(jnp.abs(updates["kernel"]).sum())
+        0.0
+    """
+    labels = optimizer_labels(adapted, params, which)
+    if ADAPTER_LABEL not in jax.tree_util.tree_leaves(labels):
+        raise AdapterError(
+            f"no params of the {which} adapters {selected_adapters(adapted, which)} in the tree given: "
+            f"initialise them with jadapters.init_adapters first"
+        )
+    return optax.partition({ADAPTER_LABEL: tx, FROZEN_LABEL: optax.set_to_zero()}, labels)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What :class:`TrainStep` carries from step to step (a pytree).
+
+    Attributes:
+        step: number of steps taken (int32 scalar).
+        trainable: ``{'params': ...}`` of the trained adapters.
+        frozen: every other variable; the base's arrays are the caller's own, never copied.
+        opt_state: the optimizer's state, for ``trainable`` only.
+        rng: the key each step folds its step number into for the PRNG streams.
+    """
+
+    step: jax.Array
+    trainable: dict
+    frozen: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        """The full variables tree, for ``apply`` (no copies)."""
+        return combine(self.trainable, self.frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A train step built by :func:`make_train_step`: ``state, metrics = step(state, batch)``."""
+
+    adapted: AdaptedModule
+    tx: optax.GradientTransformation
+    which: Which
+    update: Callable[[TrainState, Batch], tuple]
+
+    def init(self, variables: Variables, rng: jax.Array) -> TrainState:
+        """The first state: partitions ``variables`` and initialises the optimizer on the trainable part."""
+        trainable, frozen = partition(self.adapted, variables, self.which)
+        frozen = {c: tree for c, tree in frozen.items() if c != LOSS_COLLECTION}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            trainable=trainable,
+            frozen=frozen,
+            opt_state=self.tx.init(trainable),
+            rng=rng,
+        )
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        step, trainable, opt_state, adapter_variables, metrics = self.update(state, batch)
+        # The frozen tree is not returned by the jitted update (XLA would copy
+        # every base array); only the trained adapters' own variables change.
+        frozen = _replace_leaves(state.frozen, adapter_variables)
+        return state.replace(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state), metrics
+
+
+def default_inputs(batch: Batch) -> tuple:
+    """The model's positional arguments: ``batch['inputs']`` for a dict batch, else ``batch[0]``.
+
+    Example:
+        >>> default_inputs(("x", "y")), default_inputs({"inputs": "x", "labels": "y"})
+        (('x',), ('x',))
+    """
+    return (batch["inputs"],) if isinstance(batch, Mapping) else (batch[0],)
+
+
+def make_train_step(
+    adapted: AdaptedModule,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    which: Which = "enabled",
+    inputs: Callable[[Batch], tuple] = default_inputs,
+    model_kwargs: Mapping[str, Any] | None = None,
+    mutable: Sequence[str] | None = None,
+    rng_streams: Sequence[str] = ("dropout",),
+    jit: bool = True,
+) -> TrainStep:
+    """A step that trains the selected adapters and nothing else.
+
+    Each step applies ``adapted`` with ``training=True`` to ``*inputs(batch)``
+    (plus ``model_kwargs``, e.g. ``{'train': True}`` for the base model's own
+    BatchNorm/dropout flag), then minimises ``loss_fn(outputs, batch)`` plus
+    the adapters' auxiliary losses. ``loss_fn`` returns a scalar, or
+    ``(scalar, dict of metrics)``. Gradients are taken w.r.t. the trained
+    adapters' params only. Each stream in ``rng_streams`` gets a key derived
+    from ``state.rng`` and ``state.step``. ``mutable`` (default: every
+    collection in the variables but params) may change during the step: the
+    base model's changes are discarded (NeMo's frozen BatchNorm), the trained
+    adapters' kept. Metrics: ``loss``, ``task_loss``, ``aux_loss`` and yours.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
+        >>> from jadapters import LinearAdapter, with_adapters, init_adapters
+        >>> x, y = jnp.ones((2, 4)), jnp.zeros((2, 4))
+        >>> params = nn.Dense(4).init(jax.random.key(0), x)
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+        >>> variables = init_adapters(model, params, jax.random.key(1), x)
+        >>> step = make_train_step(model, lambda out, batch: jnp.mean((out - batch[1]) ** 2), optax.adam(1e-2))
+        >>> state = step.init(variables, jax.random.key(2))
+        >>> state, metrics = step(state, (x, y))
+        >>> int(state.step), state.frozen["params"]["kernel"] is params["params"]["kernel"]
+        (1, True)
+    """
+    trainer = adapted.clone(training=True)
+    names = tuple(selected_adapters(adapted, which))
+    call_kwargs = dict(model_kwargs or {})
+    streams = tuple(rng_streams)
+
+    def update(state: TrainState, batch: Batch):
+        args = inputs(batch)
+        if not isinstance(args, tuple):
+            raise AdapterError(f"inputs(batch) must return a tuple of positional arguments, got {type(args).__name__}")
+        step_key = jax.random.fold_in(state.rng, state.step)
+        rngs = {stream: jax.random.fold_in(step_key, i) for i, stream in enumerate(streams)}
+        frozen = state.frozen
+        collections = [c for c in frozen if c != "params"] if mutable is None else list(mutable)
+
+        def objective(trainable):
+            outputs, mutated = trainer.apply(
+                combine(trainable, frozen), *args, rngs=rngs, mutable=collections + [LOSS_COLLECTION], **call_kwargs
+            )
+            result = loss_fn(outputs, batch)
+            task_loss, metrics = result if isinstance(result, tuple) else (result, {})
+            aux_loss = sum_adapter_losses(mutated)
+            return task_loss + aux_loss, (mutated, task_loss, aux_loss, dict(metrics))
+
+        (loss, (mutated, task_loss, aux_loss, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.trainable
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        changed = {c: mutated[c] for c in collections if c in mutated and c != "params"}
+        kept = _restrict(split_adapters(changed, names)[0], frozen)
+        metrics = {"loss": loss, "task_loss": task_loss, "aux_loss": aux_loss, **metrics}
+        return state.step + 1, trainable, opt_state, kept, metrics
+
+    return TrainStep(adapted=trainer, tx=tx, which=which, update=jax.jit(update) if jit else update)
+
+
+def fit(
+    step: Callable[[TrainState, Batch], tuple[TrainState, Mapping[str, Any]]],
+    state: TrainState,
+    batches: Iterable[Batch],
+    num_steps: int | None = None,
+    *,
+    progress: bool = True,
+    on_step: Callable[[TrainState, Mapping[str, Any]], None] | None = None,
+) -> tuple[TrainState, list[float]]:
+    """Runs ``step`` over ``batches`` (at most ``num_steps``) with a progress bar.
+
+    Returns the final state and the loss of every step. ``on_step(state,
+    metrics)`` runs after each step (e.g. to save a checkpoint every N steps).
+    A helper, not a framework: a loop of your own needs only
+    :func:`partition` and :func:`combine`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
+        >>> from jadapters import LinearAdapter, with_adapters, init_adapters
+        >>> x, y = jnp.ones((2, 4)), jnp.zeros((2, 4))
+        >>> params = nn.Dense(4).init(jax.random.key(0), x)
+        >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+        >>> variables = init_adapters(model, params, jax.random.key(1), x)
+        >>> step = make_train_step(model, lambda out, batch: jnp.mean((out - batch[1]) ** 2), optax.adam(1e-2))
+        >>> state, losses = fit(step, step.init(variables, jax.random.key(2)), [(x, y)] * 5, progress=False)
+        >>> len(losses), losses[-1] < losses[0]
+        (5, True)
+    """
+    if num_steps is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    else:
+        total = num_steps
+    losses: list[float] = []
+    with tqdm(total=total, disable=not progress, desc="training", unit="step") as bar:
+        for batch in itertools.islice(batches, num_steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(state, metrics)
+    return state, losses
+
+
+def _restrict(tree: Mapping, like: Mapping) -> dict:
+    """The leaves of ``tree`` whose paths are leaves of ``like`` too."""
+    out = {}
+    for key, sub in tree.items():
+        if key not in like:
+            continue
+        if isinstance(sub, Mapping):
+            if isinstance(like[key], Mapping) and (picked := _restrict(sub, like[key])):
+                out[key] = picked
+        elif not isinstance(like[key], Mapping):
+            out[key] = sub
+    return out
+
+
+def _replace_leaves(tree: Mapping, new: Mapping) -> dict:
+    """``tree`` with the leaves present in ``new`` replaced; untouched subtrees are shared."""
+    if not new:
+        return tree
+    out = dict(tree)
+    for key, sub in new.items():
+        out[key] = _replace_leaves(tree[key], sub) if isinstance(sub, Mapping) else sub
+    return out
