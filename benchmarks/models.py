@@ -1,13 +1,13 @@
-"""The benchmark models: NeMo tutorial's SimpleModel, and the same model with a
-LinearAdapter written inline by hand (the baseline jadapters must match)."""
+"""The benchmark models: NeMo tutorial's SimpleModel, and its twin with a LinearAdapter
+written inline by hand (the baseline jadapters must match)."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jadapters.adapters.linear import torch_linear_init
+from jadapters.tree import ADAPTERS_KEY
 
 ENCODER_LAYERS, DECODER_LAYERS = 4, 2
 
@@ -51,55 +51,58 @@ class SimpleModel(nn.Module):
 BLOCK_TARGETS = {"encoder": "encoder/layers_*", "decoder": "decoder/layers_*"}
 
 
-def handwritten_forward(base_params, adapter_params, x):
-    """SimpleModel with a pre-norm LinearAdapter (swish) after every block, in plain JAX.
+class InlineAdapterMLP(nn.Module):
+    """The tutorial block with a pre-norm LinearAdapter written inline: what a user would hand-write."""
 
-    ``adapter_params[(module, i)]`` holds ``norm_scale``, ``norm_bias``,
-    ``down`` and ``up`` arrays for block ``i`` of ``module``.
-    """
+    dim: int
+    adapter_dim: int
 
-    def layer_norm(h, scale, bias, eps):
-        mean = jnp.mean(h, -1, keepdims=True)
-        var = jnp.mean(jnp.square(h - mean), -1, keepdims=True)
-        return (h - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="ln")(nn.Dense(self.dim, name="fc")(x))
+        a = nn.LayerNorm(epsilon=1e-5, name="adapter_norm")(h)
+        a = nn.Dense(self.adapter_dim, use_bias=False, kernel_init=torch_linear_init, name="adapter_down")(a)
+        a = nn.Dense(self.dim, use_bias=False, kernel_init=nn.initializers.zeros, name="adapter_up")(jax.nn.silu(a))
+        return h + a
 
+
+class InlineAdapterModel(nn.Module):
+    """SimpleModel with InlineAdapterMLP blocks: the hand-written twin of the adapted model."""
+
+    dim: int
+    adapter_dim: int
+    out_features: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        for module, layers in (("encoder", ENCODER_LAYERS), ("decoder", DECODER_LAYERS)):
+            for i in range(layers):
+                x = x + InlineAdapterMLP(self.dim, self.adapter_dim, name=f"{module}_layers_{i}")(x)
+        return nn.Dense(self.out_features, name="projection")(x)
+
+
+def inline_params(variables):
+    """jadapters' variables laid out for InlineAdapterModel, split into (base, adapter) by hand."""
+    params = variables["params"]
+    base, adapter = {"projection": params["projection"]}, {}
     for module, layers in (("encoder", ENCODER_LAYERS), ("decoder", DECODER_LAYERS)):
         for i in range(layers):
-            p = base_params[module][f"layers_{i}"]
-            h = x @ p["fc"]["kernel"] + p["fc"]["bias"]
-            h = layer_norm(h, p["ln"]["scale"], p["ln"]["bias"], 1e-6)
-            a = adapter_params[(module, i)]
-            h = h + jax.nn.silu(layer_norm(h, a["norm_scale"], a["norm_bias"], 1e-5) @ a["down"]) @ a["up"]
-            x = x + h
-    p = base_params["projection"]
-    return x @ p["kernel"] + p["bias"]
-
-
-def handwritten_adapter_params(key, dim, adapter_dim):
-    """Adapter params for :func:`handwritten_forward`, initialised as LinearAdapter is."""
-    params = {}
-    for module, layers in (("encoder", ENCODER_LAYERS), ("decoder", DECODER_LAYERS)):
-        for i in range(layers):
-            key, sub = jax.random.split(key)
-            params[(module, i)] = {
-                "norm_scale": jnp.ones(dim),
-                "norm_bias": jnp.zeros(dim),
-                "down": torch_linear_init(sub, (dim, adapter_dim)),
-                "up": jnp.zeros((adapter_dim, dim)),
+            block = params[module][f"layers_{i}"]
+            (linear,) = block[ADAPTERS_KEY].values()
+            base[f"{module}_layers_{i}"] = {"fc": block["fc"], "ln": block["ln"]}
+            adapter[f"{module}_layers_{i}"] = {
+                "adapter_norm": linear["norm"],
+                "adapter_down": linear["down"],
+                "adapter_up": linear["up"],
             }
-    return params
+    return base, adapter
 
 
-def jadapters_to_handwritten(variables):
-    """Reads the LinearAdapter params out of a jadapters variables tree."""
-    out = {}
-    for module, layers in (("encoder", ENCODER_LAYERS), ("decoder", DECODER_LAYERS)):
-        for i in range(layers):
-            (name, a), = variables["params"][module][f"layers_{i}"]["__adapters__"].items()
-            out[(module, i)] = {
-                "norm_scale": a["norm"]["scale"],
-                "norm_bias": a["norm"]["bias"],
-                "down": a["down"]["kernel"],
-                "up": a["up"]["kernel"],
-            }
-    return out
+def join_inline(base, adapter):
+    """The InlineAdapterModel params from its (base, adapter) halves."""
+    return {name: {**base[name], **adapter.get(name, {})} for name in base}
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of all array leaves of a pytree."""
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)))
