@@ -14,6 +14,18 @@ Example:
 """
 
 from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
+from jadapters.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    adapter_checkpoint_manager,
+    inspect_checkpoint,
+    load_adapters,
+    load_model,
+    restore_training_state,
+    save_adapters,
+    save_model,
+    save_training_state,
+)
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.registry import RegisteredAdapter, get_registered_adapter, register_adapter
@@ -42,6 +54,8 @@ __all__ = [
     "AdapterError",
     "AdapterSpec",
     "AdapterSummary",
+    "CheckpointError",
+    "CheckpointInfo",
     "LinearAdapter",
     "LoRA",
     "MHAResidualAdd",
@@ -54,6 +68,7 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "UnknownAdapterError",
+    "adapter_checkpoint_manager",
     "adapter_optimizer",
     "adapter_summary",
     "combine",
@@ -61,11 +76,18 @@ __all__ = [
     "fit",
     "get_registered_adapter",
     "init_adapters",
+    "inspect_checkpoint",
+    "load_adapters",
+    "load_model",
     "make_train_step",
     "merge_trees",
     "optimizer_labels",
     "partition",
     "register_adapter",
+    "restore_training_state",
+    "save_adapters",
+    "save_model",
+    "save_training_state",
     "split_adapters",
     "sum_adapter_losses",
     "with_adapters",
