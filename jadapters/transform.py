@@ -177,11 +177,12 @@ class AdaptedModule(nn.Module):
                 f"{list(existing.targets)}); adapter names are unique model-wide"
             )
         where = self._resolve_targets(name, modules, targets)
-        if not isinstance(adapter, nn.Module) or adapter.scope is not None:
+        if not isinstance(adapter, nn.Module):
             raise AdapterError(
-                f"adapter {bare!r} at {list(where)}: expected an unbound flax.linen.Module "
+                f"adapter {bare!r} at {list(where)}: expected a flax.linen.Module "
                 f"instance (e.g. LinearAdapter(dim=8)), got {adapter!r}"
             )
+        adapter = _detached(adapter)
         for module_name in (modules or (self.placement.global_modules if targets is None else ())):
             accepted = self.placement.accepted(module_name)
             if accepted is not None and not isinstance(adapter, accepted):
@@ -300,6 +301,8 @@ def with_adapters(
     ``adapter_module_names``). Bare (global) names go to ``global_modules``
     (default: all declared ones), like NeMo's global config.
     ``accepted_types`` restricts which adapter classes a module name accepts.
+    To adapt a submodule of a larger model, build the adapted module in the
+    parent's ``setup()`` or pass it in as a field.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -312,8 +315,9 @@ def with_adapters(
         >>> bool((model.apply(variables, x) == base.apply(params, x)).all())
         True
     """
-    if not isinstance(model, nn.Module) or model.scope is not None:
-        raise AdapterError(f"with_adapters expects an unbound flax.linen.Module, got {model!r}")
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"with_adapters expects a flax.linen.Module, got {model!r}")
+    model = _detached(model)
     declared: list[tuple[str, tuple[str, ...]]] = []
     for module_name, module_targets in (targets or {}).items():
         if not isinstance(module_name, str) or not module_name or any(c in module_name for c in ":+/"):
@@ -379,6 +383,12 @@ def _drop_present(created: Mapping, present: Mapping) -> dict:
             if rest:
                 out[key] = rest
     return out
+
+
+def _detached(module: nn.Module) -> nn.Module:
+    """The module without a parent: modules built inside a compact method are bound on
+    construction, but the adapted module binds them to its own scopes."""
+    return module if module.parent is None and module.scope is None else module.clone(parent=None, name=None)
 
 
 @functools.lru_cache(maxsize=65536)
