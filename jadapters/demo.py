@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -192,6 +193,7 @@ def run_demo(
     train_step = make_train_step(adapted, cross_entropy, optax.adam(3e-3))
     state = train_step.init(adapter_variables, jax.random.key(seed + 2))
     runs = out / "training_checkpoints"
+    _clear_previous_runs(runs)  # a fresh run: orbax would not save steps older than the ones kept
     with adapter_checkpoint_manager(runs, max_to_keep=2, save_interval_steps=max(1, steps // 4)) as manager:
         state, adapter_losses = fit(
             train_step, state, minibatches(data["xr_train"], data["y_train"], batch_size, seed + 1), steps,
@@ -281,6 +283,17 @@ def format_result(result: DemoResult, *, steps: int, kept_steps: list[int], runs
         f"total wall time: {result.seconds:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _clear_previous_runs(runs: Path) -> None:
+    """Deletes the step directories of an earlier demo run (and nothing else)."""
+    if not runs.exists():
+        return
+    entries = list(runs.iterdir())
+    if not all(e.is_dir() and (e.name.isdigit() or ".orbax-checkpoint-tmp" in e.name) for e in entries):
+        raise FileExistsError(f"{runs} holds files that are not demo training checkpoints; choose another --out")
+    for entry in entries:
+        shutil.rmtree(entry)
 
 
 def _size(n: int) -> str:
