@@ -2,25 +2,28 @@
 
 The base model is ``--blocks`` residual MLP blocks (Dense(width -> hidden) ->
 gelu -> Dense(hidden -> width)); a LinearAdapter(dim) sits on every block, 4
-arrays each. Measured, as medians over ``--repeats`` interleaved runs, each
-into a fresh directory:
+arrays each (with the defaults: 100.7M base params, 1.03M adapter params in 96
+arrays). Each measurement writes into a fresh directory and starts after
+``os.sync()``; medians are taken over runs in which the methods are
+interleaved, in an order that rotates from run to run.
 
-* adapter save / load: :func:`jadapters.save_adapters` / :func:`jadapters.load_adapters`
-  (load onto fresh base params, arrays ready on the device);
-* full save / load: :func:`jadapters.save_model` / :func:`jadapters.load_model`
-  (orbax, one array per variable), same model and variables;
-* npz save / load: ``numpy.savez`` of the same adapter arrays / ``numpy.load``
-  reading every array back (host numpy arrays only: no device transfer, no
-  fsync, no atomic rename, no metadata). ``npz_device_put`` adds the transfer.
+Two phases, because a 400 MB write disturbs the timing of whatever small write
+follows it (page reclaim), and it should not decide the small comparisons:
 
-For context, also: ``save_adapters(..., durable=True)`` (fsync before commit),
-and orbax's ``Checkpointer.save`` of an empty item with the same handler: the
-fixed cost of an orbax save (temporary directory, metadata, commit).
+* versus npz (``--repeats-npz`` runs): :func:`jadapters.save_adapters` /
+  :func:`jadapters.load_adapters` (onto fresh base params, arrays on the
+  device) against ``numpy.savez`` of the same adapter arrays / ``numpy.load``
+  reading every array back (host arrays only: no device transfer, no fsync,
+  no atomic rename, no metadata; ``npz_device_put`` adds the transfer). For
+  context: ``save_adapters(..., durable=True)`` (fsync before the commit), and
+  orbax's ``Checkpointer.save`` of an empty item with the same handler, the
+  fixed cost of any orbax save.
+* versus the full model (``--repeats-full`` runs): the same adapter save/load
+  against :func:`jadapters.save_model` / :func:`jadapters.load_model` of the
+  whole model (orbax, one array per variable), interleaved.
 
 Bytes: everything in the adapter checkpoint's directory over the raw bytes of
-the adapter arrays. Every measurement starts after ``os.sync()``, so that no
-write-back left by the previous one (the full checkpoint is ~400 MB) lands on
-the next; page caches stay warm for all methods alike.
+the adapter arrays.
 
     python benchmarks/checkpoint.py --json results.json
 """
@@ -35,13 +38,16 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 import jadapters
+from jadapters.checkpoint import PackedArraysHandler, PackedArraysSave
 
 
 class Block(nn.Module):
@@ -70,12 +76,29 @@ def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def timed(fn):
-    os.sync()  # start every measurement with no dirty pages from the previous one
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    os.sync()  # no write-back left by the previous measurement lands on this one
     start = time.perf_counter()
     out = fn()
     jax.block_until_ready(out)
     return time.perf_counter() - start, out
+
+
+def interleaved(ops_per_run: Callable[[int], list[dict]], runs: int, label: str) -> dict[str, list[float]]:
+    """Runs ``runs + 1`` rounds (the first is a warm-up); each round runs its groups of ops in rotated order."""
+    times: dict[str, list[float]] = {}
+    for run in range(runs + 1):
+        measured = {}
+        for group in ops_per_run(run):
+            names = list(group)
+            for name in names[run % len(names):] + names[: run % len(names)]:
+                measured[name], _ = timed(group[name])
+        if run:
+            for name, t in measured.items():
+                times.setdefault(name, []).append(t)
+        print(f"{label} run {run}{' (warm-up)' if run == 0 else ''}: "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()), flush=True)
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=20, help="LinearAdapter bottleneck width")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats-npz", type=int, default=15)
+    parser.add_argument("--repeats-full", type=int, default=5)
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -100,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     adapters = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(next(keys), a.shape, a.dtype), adapters)
     variables = jadapters.merge_trees(adapters, rest)
 
-    adapter_leaves = jax.tree_util.tree_leaves_with_path(adapters)
-    named = {jax.tree_util.keystr(p): np.asarray(a) for p, a in adapter_leaves}
+    named = {jax.tree_util.keystr(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(adapters)}
     base_params = jadapters.count_parameters(base_variables)
     adapter_params = jadapters.count_parameters(adapters)
     raw_adapter_bytes = sum(a.nbytes for a in named.values())
@@ -114,75 +137,67 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = tempfile.mkdtemp(prefix="jadapters-bench-", dir=args.dir)
     fresh = jadapters.with_adapters(base, {"blocks": "block_*"})
-    times: dict[str, list[float]] = {k: [] for k in (
-        "adapter_save", "adapter_load", "full_save", "full_load", "npz_save", "npz_load", "npz_device_put_load",
-        "adapter_save_durable", "orbax_empty_save")}
-    from jadapters.checkpoint import PackedArraysHandler, PackedArraysSave
-    import orbax.checkpoint as ocp
-
     empty_checkpointer = ocp.Checkpointer(PackedArraysHandler())
-    sizes = {}
-    try:
-        # one warm-up round (imports, orbax thread pools, first-call dispatch), not measured
-        for rep in range(args.repeats + 1):
-            adapter_path = os.path.join(root, f"adapters_{rep}")
-            full_path = os.path.join(root, f"full_{rep}")
-            npz_path = os.path.join(root, f"adapters_{rep}.npz")
+    where = lambda name, run: os.path.join(root, f"{name}_{run}")
 
-            def npz_load():
-                with np.load(npz_path) as z:
-                    return {k: z[k] for k in z.files}
+    def npz_load(path: str) -> dict:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
-            saves = {
-                "adapter_save": lambda: jadapters.save_adapters(adapter_path, model, variables),
-                "npz_save": lambda: np.savez(npz_path, **{k: np.asarray(v) for k, v in named.items()}),
+    def small_ops(run: int) -> list[dict]:
+        return [
+            {
+                "adapter_save": lambda: jadapters.save_adapters(where("adapters", run), model, variables),
+                "npz_save": lambda: np.savez(where("npz", run) + ".npz", **{k: np.asarray(v) for k, v in named.items()}),
                 "adapter_save_durable": lambda: jadapters.save_adapters(
-                    adapter_path + "_durable", model, variables, durable=True),
-                "orbax_empty_save": lambda: empty_checkpointer.save(
-                    os.path.join(root, f"empty_{rep}"), args=PackedArraysSave({})),
-                "full_save": lambda: jadapters.save_model(full_path, model, variables),
-            }
-            loads = {
-                "adapter_load": lambda: jadapters.load_adapters(adapter_path, fresh, base_variables),
-                "npz_load": npz_load,
-                "npz_device_put_load": lambda: jax.device_put(npz_load()),
-                "full_load": lambda: jadapters.load_model(full_path, base),
-            }
-            measured, outputs = {}, {}
-            # The order rotates from run to run, so that no method always runs
-            # right after the 400 MB full checkpoint.
-            for ops in (saves, loads):
-                names = list(ops)
-                for k in names[rep % len(names):] + names[: rep % len(names)]:
-                    measured[k], outputs[k] = timed(ops[k])
-            loaded_model, loaded = outputs["adapter_load"]
-            if rep == 0:
-                got = jax.tree_util.tree_leaves(jadapters.split_adapters(loaded)[0])
-                assert all(np.array_equal(a, b) for a, b in zip(got, jax.tree_util.tree_leaves(adapters)))
-                sizes = {
-                    "adapter_checkpoint_bytes": directory_bytes(adapter_path),
-                    "full_checkpoint_bytes": directory_bytes(full_path),
-                    "npz_bytes": os.path.getsize(npz_path),
-                }
-            else:
-                for k, v in measured.items():
-                    times[k].append(v)
-            del outputs, loaded  # everything is deleted at the end, none of it in between
-            print(f"run {rep}{' (warm-up)' if rep == 0 else ''}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()), flush=True)
+                    where("durable", run), model, variables, durable=True),
+                "orbax_empty_save": lambda: empty_checkpointer.save(where("empty", run), args=PackedArraysSave({})),
+            },
+            {
+                "adapter_load": lambda: jadapters.load_adapters(where("adapters", run), fresh, base_variables),
+                "npz_load": lambda: npz_load(where("npz", run) + ".npz"),
+                "npz_device_put_load": lambda: jax.device_put(npz_load(where("npz", run) + ".npz")),
+            },
+        ]
+
+    def full_ops(run: int) -> list[dict]:
+        return [
+            {
+                "adapter_save": lambda: jadapters.save_adapters(where("f_adapters", run), model, variables),
+                "full_save": lambda: jadapters.save_model(where("full", run), model, variables),
+            },
+            {
+                "adapter_load": lambda: jadapters.load_adapters(where("f_adapters", run), fresh, base_variables),
+                "full_load": lambda: jadapters.load_model(where("full", run), base),
+            },
+        ]
+
+    try:
+        small = interleaved(small_ops, args.repeats_npz, "vs npz")
+        full = interleaved(full_ops, args.repeats_full, "vs full")
+        _, (_, loaded) = timed(lambda: jadapters.load_adapters(where("adapters", 0), fresh, base_variables))
+        got = jax.tree_util.tree_leaves(jadapters.split_adapters(loaded)[0])
+        assert all(np.array_equal(a, b) for a, b in zip(got, jax.tree_util.tree_leaves(adapters), strict=True))
+        sizes = {
+            "adapter_checkpoint_bytes": directory_bytes(where("adapters", 0)),
+            "full_checkpoint_bytes": directory_bytes(where("full", 0)),
+            "npz_bytes": os.path.getsize(where("npz", 0) + ".npz"),
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    median = {k: statistics.median(v) for k, v in times.items()}
+    m_small = {k: statistics.median(v) for k, v in small.items()}
+    m_full = {k: statistics.median(v) for k, v in full.items()}
     results = {
         "adapter_bytes_vs_raw": sizes["adapter_checkpoint_bytes"] / raw_adapter_bytes,
-        "adapter_save_vs_full": median["adapter_save"] / median["full_save"],
-        "adapter_load_vs_full": median["adapter_load"] / median["full_load"],
-        "adapter_save_vs_npz": median["adapter_save"] / median["npz_save"],
-        "adapter_load_vs_npz": median["adapter_load"] / median["npz_load"],
-        "adapter_load_vs_npz_device_put": median["adapter_load"] / median["npz_device_put_load"],
-        "adapter_save_durable_vs_npz": median["adapter_save_durable"] / median["npz_save"],
-        "orbax_empty_save_vs_npz": median["orbax_empty_save"] / median["npz_save"],
-        "median_seconds": median,
+        "adapter_save_vs_full": m_full["adapter_save"] / m_full["full_save"],
+        "adapter_load_vs_full": m_full["adapter_load"] / m_full["full_load"],
+        "adapter_save_vs_npz": m_small["adapter_save"] / m_small["npz_save"],
+        "adapter_load_vs_npz": m_small["adapter_load"] / m_small["npz_load"],
+        "adapter_load_vs_npz_device_put": m_small["adapter_load"] / m_small["npz_device_put_load"],
+        "adapter_save_durable_vs_npz": m_small["adapter_save_durable"] / m_small["npz_save"],
+        "orbax_empty_save_vs_npz": m_small["orbax_empty_save"] / m_small["npz_save"],
+        "median_seconds": {"vs_npz": m_small, "vs_full": m_full},
         "bytes": dict(sizes, raw_adapter_bytes=raw_adapter_bytes),
         "setup": {
             "base_params": base_params,
@@ -192,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
             "width": args.width,
             "hidden": args.hidden,
             "adapter_dim": args.dim,
-            "repeats": args.repeats,
+            "repeats_npz": args.repeats_npz,
+            "repeats_full": args.repeats_full,
             "jax": jax.__version__,
-            "orbax_checkpoint": __import__("orbax.checkpoint").checkpoint.__version__,
+            "orbax_checkpoint": ocp.__version__,
             "cpu_count": os.cpu_count(),
         },
     }
@@ -205,17 +221,18 @@ def main(argv: list[str] | None = None) -> dict:
         ("adapter save / npz save", results["adapter_save_vs_npz"], "<= 2.0"),
         ("adapter load / npz load", results["adapter_load_vs_npz"], "<= 2.0"),
         ("adapter load / (npz load + device_put)", results["adapter_load_vs_npz_device_put"], ""),
-        ("adapter save with durable=True (fsync) / npz save", results["adapter_save_durable_vs_npz"], ""),
-        ("orbax Checkpointer.save of nothing / npz save", results["orbax_empty_save_vs_npz"], ""),
+        ("adapter save, durable=True (fsync) / npz save", results["adapter_save_durable_vs_npz"], ""),
+        ("orbax save of an empty item / npz save", results["orbax_empty_save_vs_npz"], ""),
     ]
     print()
     print(f"{'ratio':46s} {'value':>8s}  target")
     for label, value, target in rows:
         print(f"{label:46s} {value:8.3f}  {target}")
     print()
-    print("medians: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in median.items()))
+    print("medians vs npz:  " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m_small.items()))
+    print("medians vs full: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m_full.items()))
     print(f"sizes: adapter checkpoint {sizes['adapter_checkpoint_bytes']:,} B, raw adapters {raw_adapter_bytes:,} B, "
-          f"full checkpoint {sizes['full_checkpoint_bytes']:,} B")
+          f"npz {sizes['npz_bytes']:,} B, full checkpoint {sizes['full_checkpoint_bytes']:,} B")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

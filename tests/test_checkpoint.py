@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -410,13 +411,15 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, ba
     script = KILLED_SAVE.format(tests=str(Path(__file__).parent), hook=hook, before=before, path=str(path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        line = ""
-        while time.time() < deadline and "STALLING" not in line:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                pytest.fail(f"the saving process ended early: {proc.stderr.read()}")
-        assert "STALLING" in line
+        deadline, line = time.time() + 120, ""
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while time.time() < deadline and "STALLING" not in line:
+                if selector.select(timeout=1.0):
+                    line = proc.stdout.readline()
+                if proc.poll() is not None:
+                    pytest.fail(f"the saving process ended early: {proc.stderr.read()}")
+        assert "STALLING" in line, "the saving process never reached the point where it is killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
