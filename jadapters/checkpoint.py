@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -58,7 +59,7 @@ import sys
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -1218,22 +1219,16 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-class _checkpoint_errors:
-    """Turns what orbax/tensorstore raise on a damaged checkpoint into a :class:`CheckpointError`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or isinstance(error, (AdapterError, KeyboardInterrupt, SystemExit, MemoryError)):
-            return False
-        if not isinstance(error, Exception):
-            return False
+@contextlib.contextmanager
+def _checkpoint_errors(path: Path) -> Iterator[None]:
+    """Turns what orbax or the file system raise on a damaged checkpoint into a :class:`CheckpointError`."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {self.path}: it is incomplete or corrupted ({message[:300]})") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: it is incomplete or corrupted ({message[:300]})") from error
 
 
 def _read_metadata(path: Path, kind: str | None) -> dict:
