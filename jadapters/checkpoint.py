@@ -336,7 +336,8 @@ class CheckpointInfo:
             f"kind         {self.kind}" + (f" (step {self.metadata['step']})" if "step" in self.metadata else ""),
             f"written by   jadapters {self.metadata.get('library_version')} (format {self.metadata.get('format_version')})",
             f"on disk      {_human_bytes(self.disk_bytes)}",
-            f"base model   fingerprint {fingerprint.get('digest', '-')}: {n_params} params in {len(modules)} modules",
+            f"base model   fingerprint {fingerprint['digest']}: {n_params} params in {len(modules)} modules"
+            if fingerprint.get("digest") else "base model   no fingerprint recorded",
         ]
         placement = self.metadata.get("placement") or {}
         if placement.get("modules"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _inspect(args)
+    except BrokenPipeError:  # e.g. `jadapters inspect PATH | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (AdapterError, OSError) as e:
         print(f"jadapters: error: {e}", file=sys.stderr)
         return EXIT_ERROR
