@@ -239,9 +239,9 @@ def run_demo(
     result = DemoResult(
         phases=phases,
         total_params=total_params,
-        adapter_checkpoint=adapter_path,
+        adapter_checkpoint=out / adapter_path.name,
         adapter_checkpoint_bytes=inspect_checkpoint(adapter_path).disk_bytes,
-        full_checkpoint=full_path,
+        full_checkpoint=out / full_path.name,
         full_checkpoint_bytes=inspect_checkpoint(full_path).disk_bytes,
         reload_identical=reload_identical,
         accuracy_adapters_disabled_normal=accuracy_disabled,
