@@ -199,6 +199,7 @@ def run_demo(
             train_step, state, minibatches(data["xr_train"], data["y_train"], batch_size, seed + 1), steps,
             progress=progress, on_step=lambda s, _: save_training_state(manager, s, adapted),
         )
+        manager.wait_until_finished()  # all_steps() must not race an asynchronous save
         if int(state.step) not in manager.all_steps():
             save_training_state(manager, state, adapted, force=True)  # the final state, whatever the interval
         manager.wait_until_finished()
