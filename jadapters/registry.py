@@ -26,6 +26,23 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def import_by_path(path: str) -> object:
+    """The object that a dotted path ``'module.QualName'`` names; ImportError if there is none.
+
+    Example:
+        >>> import_by_path("jadapters.registry.class_path") is class_path
+        True
+    """
+    module_name, _, qualname = path.rpartition(".")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ImportError(f"cannot import {path!r}") from error
+    return obj
+
+
 @dataclasses.dataclass(frozen=True)
 class RegisteredAdapter:
     """One registry entry: a name and the adapter class it stands for."""
@@ -112,12 +129,9 @@ def resolve_class(key: str) -> type:
     entry = get_registered_adapter(key)
     if entry is not None:
         return entry.adapter_class
-    module_name, _, qualname = key.rpartition(".")
     try:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError):
+        obj = import_by_path(key)
+    except ImportError:
         raise UnknownAdapterError(
             f"no adapter type {key!r}: it is neither registered ({sorted(_REGISTRY)}) "
             f"nor an importable class path"

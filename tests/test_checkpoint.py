@@ -40,7 +40,8 @@ from jadapters import (
     split_adapters,
     with_adapters,
 )
-from jadapters import checkpoint as ckpt
+from jadapters.checkpoint import atomic, packing
+from jadapters.tree import ADAPTERS_KEY
 
 DIM = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -379,11 +380,11 @@ KILLED_SAVE = """
 import sys, time, jax, jax.numpy as jnp
 sys.path.insert(0, {tests!r})
 import test_checkpoint as t
-from jadapters import checkpoint as ckpt
+from jadapters.checkpoint import atomic, packing, save_adapters
 x = jax.random.normal(jax.random.key(0), (4, t.DIM))
 base = t.Net().init(jax.random.key(1), x)
 model, variables = t.build(base, x, ("a", t.LinearAdapter(2), {{}}), seed=2)
-original = getattr(ckpt, {hook!r}) if {hook!r} != "PackedArraysHandler._write" else ckpt.PackedArraysHandler._write
+original = getattr(atomic, {hook!r}) if {hook!r} != "PackedArraysHandler._write" else packing.PackedArraysHandler._write
 
 def stall(*args, **kwargs):
     {before}
@@ -391,10 +392,10 @@ def stall(*args, **kwargs):
     time.sleep(60)
 
 if {hook!r} == "PackedArraysHandler._write":
-    ckpt.PackedArraysHandler._write = stall
+    packing.PackedArraysHandler._write = stall
 else:
-    setattr(ckpt, {hook!r}, stall)
-ckpt.save_adapters({path!r}, model, variables)
+    setattr(atomic, {hook!r}, stall)
+save_adapters({path!r}, model, variables)
 """
 
 
@@ -441,7 +442,7 @@ def test_swap_without_exchange_keeps_a_recoverable_copy(tmp_path, base_vars, x, 
     model, old = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=1)
     _, new = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=2)
     path = save_adapters(tmp_path / "a", model, old)
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     save_adapters(path, model, new)
     _, loaded = load_adapters(path, wrap(), base_vars)
     assert_same_tree(split_adapters(loaded)[0], split_adapters(new)[0])
@@ -487,12 +488,12 @@ def test_save_then_load_is_the_identity(tmp_path_factory, base_vars, x, dims, no
 def test_pack_then_unpack_is_the_identity(arrays):
     rng = np.random.default_rng(len(arrays))
     leaves = [(rng.standard_normal(shape) * 10).astype(jnp.dtype(dtype)) for shape, dtype in arrays]
-    paths = [("params", f"m{i}", ckpt.ADAPTERS_KEY, "a", "w") for i in range(len(leaves))]
-    pieces, index, checksums = ckpt._pack(leaves, paths)
+    paths = [("params", f"m{i}", ADAPTERS_KEY, "a", "w") for i in range(len(leaves))]
+    pieces, index, checksums = packing.pack_arrays(leaves, paths)
     assert len(pieces) <= len({d for _, d in arrays})
     buffers = {dtype: np.concatenate(p) for dtype, p in pieces.items()}
-    ckpt._verify_buffers(buffers, checksums, Path("."))
-    for leaf, got in zip(leaves, ckpt._unpack(buffers, index, Path("."))):
+    packing.verify_buffers(buffers, checksums, Path("."))
+    for leaf, got in zip(leaves, packing.unpack_arrays(buffers, index, Path("."))):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape
         np.testing.assert_array_equal(got, leaf)
 
