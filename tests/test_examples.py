@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import tempfile
 import sys
 
 import pytest
@@ -30,3 +31,16 @@ def test_overhead_benchmark_writes_its_json(tmp_path):
     assert set(saved) >= {"forward_vs_handwritten", "disabled_vs_base"}
     assert saved["forward_vs_handwritten"] == pytest.approx(result["forward_vs_handwritten"])
     assert saved["forward_vs_handwritten"] > 0 and saved["disabled_vs_base"] > 0
+
+
+def test_readme_tour_runs_as_written(capsys, monkeypatch, tmp_path):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("```python\n") + len("```python\n")
+    code = readme[start : readme.index("```", start)]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the tour's checkpoint goes here
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "['task']\n" in out and "domain" in out and "base model" in out
+    assert out.rstrip().endswith("['task']")
+    assert any(tmp_path.iterdir())
