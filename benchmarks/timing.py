@@ -9,8 +9,8 @@ from typing import Callable, Mapping
 import jax
 
 
-def interleaved_medians(variants: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each variant over ``rounds`` interleaved rounds.
+def interleaved_times(variants: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each of ``rounds`` interleaved rounds.
 
     The order of the variants rotates from round to round.
     """
@@ -24,6 +24,19 @@ def interleaved_medians(variants: Mapping[str, Callable[[], object]], rounds: in
             start = time.perf_counter()
             jax.block_until_ready(variants[name]())
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: Mapping[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round.
+
+    Pairing within a round cancels the slow drifts of a shared machine.
+    """
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
+    """Median seconds of each variant."""
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
