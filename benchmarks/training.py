@@ -316,7 +316,7 @@ def with_reusing_malloc(rounds: int) -> dict | None:
 
 
 def notes(result: dict) -> str:
-    ms, faults, temp = result["median_ms"], result["page_faults_per_step"], result["temp_buffer_bytes"]
+    faults, temp = result["page_faults_per_step"], result["temp_buffer_bytes"]
     kernel, pieces = result["kernel_ms_per_step"], result["adapter_pieces_ms"]
     reusing = result.get("with_reusing_malloc")
     blocks = ENCODER_LAYERS + DECODER_LAYERS

@@ -9,7 +9,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from jadapters import (
     CheckpointError,
     LinearAdapter,
     LoRA,
-    ResidualAdd,
     Strategy,
     UnknownAdapterError,
     init_adapters,

@@ -8,24 +8,15 @@ Nothing here imports jax at module level.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+from multidevice import run_with_cpu_devices
 
 NUM_DEVICES = 8
 AXIS = "fsdp"
 
 
 def test_fsdp_sharded_train_step_matches_single_device():
-    flags = os.environ.get("XLA_FLAGS", "")
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={NUM_DEVICES}".strip(),
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_with_cpu_devices(__file__, NUM_DEVICES)
     assert result["devices"] == NUM_DEVICES
     assert result["sharded_base_leaves"] > 0
     assert result["collectives"]

@@ -1,6 +1,5 @@
 """with_adapters: placement, naming, enabling, identity, jit, scan/remat, setup-style, errors."""
 
-import dataclasses
 import functools
 import re
 
