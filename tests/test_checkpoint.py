@@ -568,3 +568,13 @@ def test_periodic_training_checkpoints_resume(tmp_path, base_vars, x):
     with jadapters.adapter_checkpoint_manager(tmp_path / "empty") as manager:
         with pytest.raises(CheckpointError, match="no training checkpoint"):
             jadapters.restore_training_state(manager, template)
+
+
+def test_saving_adapters_that_were_never_initialised_raises(tmp_path):
+    x = jnp.ones((2, 4))
+    base = nn.Dense(4)
+    params = base.init(jax.random.key(0), x)
+    model = jadapters.with_adapters(base, {"d": ""}).add_adapter("a", jadapters.LinearAdapter(2))
+    with pytest.raises(jadapters.AdapterError, match=r"adapters \['a'\] have no variables.*init_adapters"):
+        jadapters.save_adapters(tmp_path / "a", model, params)
+    assert not (tmp_path / "a").exists()

@@ -60,6 +60,13 @@ def save_adapters(
     adapted = require_adapted(adapted, "save_adapters")
     flat = flatten(variables)
     groups = variables_by_adapter(flat, _names_to_save(adapted, name))
+    empty = [n for n, (indices, _) in groups.items() if not indices]
+    if empty:
+        raise AdapterError(
+            f"save_adapters: adapters {empty} have no variables in the tree given (it holds adapters "
+            f"{sorted(adapter_locations(variables))}); initialise them with jadapters.init_adapters "
+            f"and pass the variables it returns"
+        )
     selected = sorted(i for indices, _ in groups.values() for i in indices)  # in tree order
     buffers, index, checksums = pack_arrays([flat[i][1] for i in selected], [flat[i][0] for i in selected])
     entry_of = dict(zip(selected, index))
