@@ -1,9 +1,10 @@
-"""What a strategy sees of the call it joins: names, inputs, mode, randomness, losses."""
+"""What a strategy sees of the call it joins: names, inputs, the module, mode, randomness, losses."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,9 @@ from jadapters.errors import AdapterError
 
 #: The variable collection in which strategies record auxiliary losses.
 LOSS_COLLECTION = "adapter_losses"
+
+#: ``hook(call, *args, **kwargs) -> output``: runs instead of a module's call; ``call`` runs the module.
+ChildHook = Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +28,7 @@ class AdapterContext:
         training: whether the adapted module runs in training mode.
         args: the positional arguments the intercepted module was called with.
         kwargs: its keyword arguments.
+        module: the intercepted (bound) Flax module, e.g. to read its ``kernel``.
     """
 
     name: str
@@ -31,13 +36,19 @@ class AdapterContext:
     training: bool
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-    scope: Any = dataclasses.field(repr=False, compare=False)
+    scope: Any = dataclasses.field(default=None, repr=False, compare=False)
+    module: Any = dataclasses.field(default=None, repr=False, compare=False)
+    session: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def where(self) -> str:
+        """``"adapter 'name' at 'path'"``, the start of every error message about this call."""
+        return f"adapter {self.name!r} at {self.path!r}"
 
     def argument(self, key: int | str) -> Any:
         """The intercepted module's positional (int) or keyword (str) argument.
 
         Example:
-            >>> ctx = AdapterContext("a", "enc", False, (1, 2), {"mask": 3}, None)
+            >>> ctx = AdapterContext("a", "enc", False, (1, 2), {"mask": 3})
             >>> ctx.argument(1), ctx.argument("mask")
             (2, 3)
         """
@@ -45,29 +56,67 @@ class AdapterContext:
             return self.args[key] if isinstance(key, int) else self.kwargs[key]
         except (IndexError, KeyError):
             raise AdapterError(
-                f"adapter {self.name!r} at {self.path!r}: the intercepted call has no argument "
-                f"{key!r} (it got {len(self.args)} positional and keywords {sorted(self.kwargs)})"
+                f"{self.where()}: the intercepted call has no argument {key!r} "
+                f"(it got {len(self.args)} positional and keywords {sorted(self.kwargs)})"
             ) from None
 
+    def module_param(self, name: str) -> jax.Array:
+        """The intercepted module's own parameter ``name`` (e.g. ``'kernel'``), as the module sees it.
+
+        Inside ``nn.scan`` this is the current layer's slice.
+        """
+        if self.module is None or not self.module.has_variable("params", name):
+            raise AdapterError(
+                f"{self.where()}: the intercepted module ({type(self.module).__name__}) has no parameter {name!r}"
+            )
+        return self.module.get_variable("params", name)
+
     def make_rng(self, stream: str = "dropout") -> jax.Array:
-        """A fresh PRNG key from the ``rngs`` stream passed to ``apply``."""
+        """A fresh PRNG key from the ``rngs`` stream passed to ``apply``.
+
+        Inside ``nn.scan``, every layer draws the same key unless the scan
+        splits that stream (``split_rngs={'dropout': True}``), as for any Flax module.
+        """
         if not self.scope.has_rng(stream):
             raise AdapterError(
-                f"adapter {self.name!r} at {self.path!r} needs the {stream!r} PRNG stream in "
-                f"training mode: pass rngs={{{stream!r}: key}} to apply"
+                f"{self.where()} needs the {stream!r} PRNG stream in training mode: "
+                f"pass rngs={{{stream!r}: key}} to apply"
             )
         return self.scope.make_rng(stream)
 
     def add_loss(self, value: jax.Array, name: str = "l2_loss") -> None:
         """Records an auxiliary loss in the ``'adapter_losses'`` collection.
 
-        Recorded only when that collection is mutable (``mutable=['adapter_losses']``);
-        :func:`jadapters.sum_adapter_losses` adds up everything recorded.
+        Recorded when the caller made that collection mutable
+        (``mutable=['adapter_losses']``, as :func:`jadapters.make_train_step`
+        does); :func:`jadapters.sum_adapter_losses` adds up everything recorded.
+        A lifted transform (``nn.scan``) that does not carry the collection
+        would drop the loss: that is an error, never a silent 0.
         """
         if not self.scope.is_mutable_collection(LOSS_COLLECTION):
+            if self.session is not None and self.session.losses_requested:
+                raise AdapterError(
+                    f"{self.where()} records an auxiliary loss ({name}), but this module runs inside a lifted "
+                    f"transform (such as nn.scan) that does not carry the {LOSS_COLLECTION!r} collection, so the "
+                    f"loss would be lost: add {LOSS_COLLECTION!r}: 0 to that transform's variable_axes"
+                )
             return
         recorded = self.scope.get_variable(LOSS_COLLECTION, name) if self.scope.has_variable(LOSS_COLLECTION, name) else ()
         self.scope.put_variable(LOSS_COLLECTION, name, tuple(recorded) + (value,))
+
+    @contextlib.contextmanager
+    def intercept_children(self, hooks: Mapping[str, ChildHook]) -> Iterator[None]:
+        """While active, calls of the submodules at the relative paths in ``hooks`` run the hooks instead.
+
+        ``hooks[relative_path](call, *args, **kwargs)`` replaces the call of the
+        submodule ``path + '/' + relative_path``; ``call`` runs the submodule
+        itself. This is how a strategy reaches inside the module it wraps, e.g.
+        to read one sublayer's output and change what another computes.
+        """
+        if self.session is None:
+            raise AdapterError(f"{self.where()}: intercept_children works only inside an adapted model's call")
+        with self.session.child_hooks(self.path, hooks):
+            yield
 
 
 def sum_adapter_losses(variables: Mapping[str, Any]) -> jax.Array:
@@ -83,4 +132,4 @@ def sum_adapter_losses(variables: Mapping[str, Any]) -> jax.Array:
         0.0
     """
     leaves = jax.tree_util.tree_leaves(variables.get(LOSS_COLLECTION, {}))
-    return sum((jnp.sum(leaf) for leaf in leaves), jnp.zeros((), jnp.float32))
+    return sum((jnp.sum(leaf.astype(jnp.float32)) for leaf in map(jnp.asarray, leaves)), jnp.zeros((), jnp.float32))

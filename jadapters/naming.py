@@ -3,9 +3,13 @@
 Module paths are the '/'-joined names of a Flax module's scope, as they appear
 in the params tree, e.g. ``'encoder/layers_0/fc'``. A target is one of
 
-* an exact path: ``'encoder/layers_0'``;
+* a plain path or name, without wildcards: it matches the module at that
+  path and every module whose path ends with ``'/'`` + it, PEFT's rule for
+  ``target_modules``: ``'query'`` matches ``'encoder/layer/0/attention/self/query'``,
+  ``'self/query'`` too; ``''`` is the root module alone;
 * a glob: ``*`` matches within one path segment, ``**`` across segments,
-  ``?`` one character, ``[..]`` a character class: ``'encoder/layers_*'``;
+  ``?`` one character, ``[..]`` a character class, matched against the whole
+  path: ``'encoder/layers_*'``;
 * a regular expression, given as ``re.compile(...)`` or as the string
   ``'re:<pattern>'``, matched against the whole path.
 """
@@ -119,6 +123,19 @@ def _compile(target: str) -> "re.Pattern[str]":
     return re.compile(_glob_to_regex(target))
 
 
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def is_plain(target: str) -> bool:
+    """Whether a canonical target is a plain path or name (matched as a path suffix).
+
+    Example:
+        >>> is_plain("attention/query"), is_plain("layers_*/fc"), is_plain("re:.*fc")
+        (True, False, False)
+    """
+    return not target.startswith(REGEX_PREFIX) and not GLOB_CHARACTERS.intersection(target)
+
+
 def path_matches(path: str, target: str) -> bool:
     """Whether a '/'-joined module path matches a canonical target.
 
@@ -129,5 +146,9 @@ def path_matches(path: str, target: str) -> bool:
         False
         >>> path_matches("encoder/layers_3/fc", "re:.*/fc")
         True
+        >>> path_matches("encoder/layers_3/fc", "fc"), path_matches("encoder/layers_3/fc2", "fc")
+        (True, False)
     """
+    if is_plain(target):
+        return path == target or (bool(target) and path.endswith("/" + target))
     return _compile(target).fullmatch(path) is not None

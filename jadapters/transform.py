@@ -10,19 +10,21 @@ enabled adapters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.errors
 import flax.linen as nn
 import jax
+import numpy as np
 
-from jadapters.context import AdapterContext
+from jadapters.context import LOSS_COLLECTION, AdapterContext
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import Target, normalize_targets, path_matches, split_adapter_name
-from jadapters.strategies import ResidualAdd, Strategy, check_same_shape
+from jadapters.strategies import ResidualAdd, Strategy, check_like
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
 GLOBAL = ""  # NeMo's name for the default module(s) that bare names go to
@@ -81,66 +83,88 @@ class AdaptedModule(nn.Module):
     Its params are the wrapped model's params plus the adapters' subtrees.
     Every method that changes the adapters returns a new module; nothing is
     mutated. ``training=True`` turns on adapter dropout, stochastic depth and
-    auxiliary losses (``adapted.clone(training=True)``).
+    auxiliary losses (``adapted.clone(training=True)``); ``freeze_batchnorm=True``
+    runs the base model's BatchNorm layers on their running statistics
+    whatever the model's own ``train`` flag says (NeMo's adapter training).
+
+    Any method of the wrapped model runs with its adapters too:
+    ``adapted.apply(variables, x, method=Model.encode)`` (or ``method='encode'``,
+    or a function ``fn(model, *args)``), and :meth:`call_method` from a parent module.
     """
 
     model: nn.Module
     placement: Placement = Placement()
     adapters: tuple[AdapterSpec, ...] = ()
     training: bool = False
+    freeze_batchnorm: bool = False
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        root = tuple(self.scope.path)
-        creating = self.is_mutable_collection("params")
-        matched: set[str] = set()
-        seen: list[str] = []
+        return self._run_adapted(lambda: self.model(*args, **kwargs))
 
-        def intercept(next_fun, call_args, call_kwargs, context):
-            out = next_fun(*call_args, **call_kwargs)
-            if context.method_name != "__call__" or context.module.scope is None:
-                return out
-            full = tuple(context.module.scope.path)
-            if full[: len(root)] != root or ADAPTERS_KEY in full:
-                return out  # outside this model, or inside an adapter
-            path = "/".join(full[len(root) :])
-            seen.append(path)
-            for spec in _specs_at(self.adapters, path):
-                matched.add(spec.name)
-                if spec.enabled or creating:
-                    result = self._run(spec, context.module.scope, path, out, call_args, call_kwargs)
-                    out = result if spec.enabled else out
-            return out
+    def call_method(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Runs a method of the wrapped model with the adapters: a name, or ``fn(model, *args, **kwargs)``.
 
-        with nn.intercept_methods(intercept):
-            output = self.model(*args, **kwargs)
-        if creating:
-            _check_all_placed(self.adapters, matched, seen)
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn
+            >>> from jadapters import LinearAdapter, with_adapters, init_adapters
+            >>> class EncoderDecoder(nn.Module):
+            ...     def setup(self):
+            ...         self.encoder, self.decoder = nn.Dense(2), nn.Dense(2)
+            ...     def __call__(self, x):
+            ...         return self.decoder(self.encode(x))
+            ...     def encode(self, x):
+            ...         return self.encoder(x)
+            >>> x = jnp.ones((1, 2))
+            >>> model = with_adapters(EncoderDecoder(), {"encoder": "encoder"})
+            >>> model = model.add_adapter("a", LinearAdapter(2))
+            >>> params = EncoderDecoder().init(jax.random.key(0), x)
+            >>> variables = init_adapters(model, params, jax.random.key(1), x)
+            >>> model.apply(variables, x, method="encode").shape
+            (1, 2)
+        """
+        if isinstance(method, str):
+            name = method
+            if not callable(getattr(type(self.model), name, None)):
+                raise AdapterError(f"the wrapped model {type(self.model).__name__} has no method {name!r}")
+            return self._run_adapted(lambda: getattr(self.model, name)(*args, **kwargs))
+        return self._run_adapted(lambda: method(self.model, *args, **kwargs))
+
+    def _run_adapted(self, run: Callable[[], Any]) -> Any:
+        session = _Session(self)
+        with nn.intercept_methods(session.intercept):
+            output = run()
+        if session.creating:
+            _check_all_placed(self.adapters, session.matched, session.seen)
         return output
 
-    def _run(self, spec: AdapterSpec, module_scope, path: str, value, call_args, call_kwargs):
-        adapter_scope = module_scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True)
-        bound = spec.adapter.clone(parent=adapter_scope)
-        pass_mode = _accepts_deterministic(type(spec.adapter))
-        training = self.training
+    @nn.nowrap
+    def _entry(self, method: Any) -> Any:
+        """``method`` for Flax's apply/init: the adapted module's own, or a wrapped model's through call_method."""
+        if method is None:
+            return None
+        function = getattr(method, "__func__", method)
+        name = method if isinstance(method, str) else getattr(function, "__name__", None)
+        if isinstance(name, str) and name in _OWN_METHODS and (isinstance(method, str) or getattr(AdaptedModule, name) is function):
+            return method
+        return lambda module, *args, **kwargs: module.call_method(method, *args, **kwargs)
 
-        def adapter_fn(*a, **k):
-            if pass_mode:
-                k.setdefault("deterministic", not training)
-            try:
-                return bound(*a, **k)
-            except flax.errors.ScopeParamNotFoundError as e:
-                raise AdapterError(
-                    f"adapter {spec.name!r} at {path!r} has no params in the variables given to "
-                    f"apply: initialise it with jadapters.init_adapters first ({e})"
-                ) from None
+    @nn.nowrap
+    def apply(self, variables: Mapping[str, Any], *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        """Flax's ``apply``; ``method`` may also name a method of the wrapped model (run with adapters)."""
+        return super().apply(variables, *args, method=self._entry(method), **kwargs)
 
-        ctx = AdapterContext(spec.name, path, training, tuple(call_args), dict(call_kwargs), adapter_scope)
-        result = spec.strategy(adapter_fn, value, ctx)
-        check_same_shape(result, value, ctx, what=f"its strategy's result ({type(spec.strategy).__name__})")
-        return result
+    @nn.nowrap
+    def init(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        """Flax's ``init``; ``method`` as in :meth:`apply`."""
+        return super().init(rngs, *args, method=self._entry(method), **kwargs)
+
+    @nn.nowrap
+    def init_with_output(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        """Flax's ``init_with_output``; ``method`` as in :meth:`apply`."""
+        return super().init_with_output(rngs, *args, method=self._entry(method), **kwargs)
 
     # NeMo's vocabulary, functional: each returns a new module or a plain value.
 
@@ -287,6 +311,127 @@ class AdaptedModule(nn.Module):
         return self.placement.targets_of(named)
 
 
+
+_OWN_METHODS = frozenset({"__call__", "call_method"})
+
+
+class _AdapterCall:
+    """Calls one bound adapter, with its mode and with errors that name it."""
+
+    def __init__(self, adapter: nn.Module, ctx: AdapterContext, training: bool):
+        self._adapter, self._ctx, self._training = adapter, ctx, training
+
+    def accepts(self, argument: str) -> bool:
+        """Whether the adapter's ``__call__`` takes ``argument`` (e.g. ``'layer'``)."""
+        return argument in _call_parameters(type(self._adapter))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.accepts("deterministic"):
+            kwargs.setdefault("deterministic", not self._training)
+        try:
+            return self._adapter(*args, **kwargs)
+        except flax.errors.ScopeParamNotFoundError as e:
+            raise AdapterError(
+                f"{self._ctx.where()} has no params in the variables given to apply: initialise it with "
+                f"jadapters.init_adapters first ({e})"
+            ) from None
+        except flax.errors.InvalidRngError as e:
+            raise AdapterError(
+                f"{self._ctx.where()} needs a PRNG stream it was not given ({e}); in training mode pass "
+                f"rngs={{'dropout': key}} to apply"
+            ) from None
+
+
+class _Session:
+    """One call of an adapted model: which adapters were placed, which module calls are running."""
+
+    def __init__(self, adapted: AdaptedModule):
+        self.adapted = adapted
+        self.root = tuple(adapted.scope.path)
+        self.creating = adapted.is_mutable_collection("params")
+        self.losses_requested = adapted.is_mutable_collection(LOSS_COLLECTION)
+        self.matched: set[str] = set()
+        self.seen: list[str] = []
+        self._active: set[str] = set()
+        self._hooks: list[tuple[str, Mapping[str, Any]]] = []
+
+    @contextlib.contextmanager
+    def child_hooks(self, parent: str, hooks: Mapping[str, Any]):
+        entry = (parent, dict(hooks))
+        self._hooks.append(entry)
+        try:
+            yield
+        finally:
+            self._hooks.remove(entry)
+
+    def intercept(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or module.scope is None:
+            return next_fun(*args, **kwargs)
+        full = tuple(module.scope.path)
+        if full[: len(self.root)] != self.root or ADAPTERS_KEY in full:
+            return next_fun(*args, **kwargs)  # outside this model, or inside an adapter
+        path = "/".join(full[len(self.root) :])
+        if path in self._active:
+            # The same module calling itself (``super().__call__``, as nn.SelfAttention does):
+            # its adapters already wrap the outer call.
+            return next_fun(*args, **kwargs)
+        self.seen.append(path)
+        call = next_fun
+        if self.adapted.freeze_batchnorm and isinstance(module, nn.BatchNorm):
+            call = functools.partial(_batchnorm_on_running_statistics, module, call)
+        for spec in _specs_at(self.adapted.adapters, path):
+            self.matched.add(spec.name)
+            # While variables are created, every adapter runs (disabled ones get their variables too).
+            if spec.enabled or self.creating:
+                call = functools.partial(self._run, spec, module, path, call)
+        for parent, hooks in reversed(self._hooks):
+            relative = path[len(parent) + 1 :] if parent else path
+            if (path.startswith(parent + "/") or not parent) and relative in hooks:
+                call = functools.partial(hooks[relative], call)
+        self._active.add(path)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self._active.discard(path)
+
+    def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
+        scope = module.scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True)
+        training = self.adapted.training
+        ctx = AdapterContext(spec.name, path, training, args, kwargs, scope=scope, module=module, session=self)
+        adapter = _AdapterCall(spec.adapter.clone(parent=scope), ctx, training)
+        strategy = spec.strategy
+        if strategy.changes_shape:
+            return strategy.around(adapter, call, ctx)
+        values: list[Any] = []
+
+        def observed(*a, **k):
+            values.append(call(*a, **k))
+            return values[-1]
+
+        result = strategy.around(adapter, observed, ctx)
+        if values:
+            check_like(result, values[-1], ctx, what=f"its strategy's result ({type(strategy).__name__})")
+        return result
+
+
+def _batchnorm_on_running_statistics(module: nn.BatchNorm, call, *args, **kwargs):
+    """Calls a BatchNorm in inference mode, whatever its field or its caller ask for."""
+    if len(args) > 1:
+        args = (args[0], True) + tuple(args[2:])
+    elif module.use_running_average is None or "use_running_average" in kwargs:
+        kwargs = {**kwargs, "use_running_average": True}
+    if module.use_running_average is None or module.use_running_average:
+        return call(*args, **kwargs)
+    # The field says batch statistics; Flax rejects setting both field and argument, so the
+    # field is switched for the duration of this call.
+    object.__setattr__(module, "use_running_average", True)
+    try:
+        return call(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "use_running_average", False)
+
+
 def with_adapters(
     model: nn.Module,
     targets: Mapping[str, Target | Iterable[Target]] | None = None,
@@ -348,7 +493,11 @@ def init_adapters(
 
     Only the adapter subtree is created: base params are neither re-initialised
     nor copied (the returned tree shares their arrays), and adapters already in
-    ``variables`` keep their values. ``args``/``kwargs`` are sample inputs.
+    ``variables`` keep their values. ``args``/``kwargs`` are sample inputs;
+    Python values among them (``train=False``, ``deterministic=True``) are
+    passed as they are, arrays are traced. ``variables`` is a dict of
+    collections, ``{'params': ...}`` (Hugging Face models keep bare params:
+    pass ``{'params': hf_model.params}``); it must hold every base variable.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -359,18 +508,66 @@ def init_adapters(
         >>> sorted(init_adapters(model, params, jax.random.key(1), x)["params"])
         ['__adapters__', 'bias', 'kernel']
     """
+    if not isinstance(adapted, AdaptedModule):
+        raise AdapterError(f"init_adapters expects the AdaptedModule returned by with_adapters, got {type(adapted).__name__}")
+    _check_collections(variables, "init_adapters")
     rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
     adapted = adapted.clone(training=False)  # creating params needs no dropout keys
+    traced, rebuild = _split_static((args, kwargs))
 
     @jax.jit
-    def create(variables, rngs, args, kwargs):
-        _, state = adapted.apply(variables, *args, rngs=rngs, mutable=True, **kwargs)
-        return split_adapters(state)[0]
+    def create(variables, rngs, traced):
+        call_args, call_kwargs = rebuild(traced)
+        _, state = adapted.apply(variables, *call_args, rngs=rngs, mutable=True, **call_kwargs)
+        return split_adapters(state)
 
-    created = create(variables, rngs, args, kwargs)
+    created, rest = create(variables, rngs, traced)
+    _check_base_complete(variables, rest)
     present, _ = split_adapters(variables)
     missing = _drop_present(created, present)
     return merge_trees(variables, missing)
+
+
+def _check_collections(variables: Any, what: str) -> None:
+    """Raises unless ``variables`` is a mapping of collections (``{'params': ...}``)."""
+    if not isinstance(variables, Mapping):
+        raise AdapterError(f"{what}: variables must be a dict of collections such as {{'params': ...}}, got {type(variables).__name__}")
+    if variables and "params" not in variables:
+        keys = sorted(map(str, variables))[:8]
+        raise AdapterError(
+            f"{what}: variables must be a dict of collections such as {{'params': ...}}, but its keys are {keys}; "
+            f"bare params (as Hugging Face's Flax models keep them) go in as {{'params': params}}"
+        )
+
+
+def _check_base_complete(given: Mapping[str, Any], base_after: Mapping[str, Any]) -> None:
+    """Raises if the model created base variables, i.e. ``given`` lacks some of the base's."""
+    have = {path for path, _ in _leaf_paths(given)}
+    created = [path for path, _ in _leaf_paths(base_after) if path not in have and path[0] == "params"]
+    if created:
+        shown = ["/".join(p) for p in created[:6]]
+        raise AdapterError(
+            f"init_adapters: the variables given lack {len(created)} base parameter(s) of the model, e.g. {shown}; "
+            f"pass the base model's variables (for a Hugging Face model: {{'params': hf_model.params}})"
+        )
+
+
+def _leaf_paths(tree: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
+
+
+def _split_static(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """Array leaves of ``tree`` (to trace) and a function that rebuilds it with Python values kept as they are."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves]
+    static = [None if a else leaf for leaf, a in zip(leaves, is_array)]
+
+    def rebuild(traced: list[Any]) -> Any:
+        it = iter(traced)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for s, a in zip(static, is_array)])
+
+    return [leaf for leaf, a in zip(leaves, is_array) if a], rebuild
 
 
 def _drop_present(created: Mapping, present: Mapping) -> dict:
@@ -397,11 +594,11 @@ def _specs_at(adapters: tuple[AdapterSpec, ...], path: str) -> tuple[AdapterSpec
 
 
 @functools.lru_cache(maxsize=None)
-def _accepts_deterministic(cls: type) -> bool:
+def _call_parameters(cls: type) -> frozenset[str]:
     try:
-        return "deterministic" in inspect.signature(cls.__call__).parameters
+        return frozenset(inspect.signature(cls.__call__).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
 
 
 def _check_all_placed(adapters: tuple[AdapterSpec, ...], matched: set[str], seen: list[str]) -> None:

@@ -75,7 +75,7 @@ def test_swish_and_silu_are_the_same():
         ({"norm_position": "middle"}, "norm_position must be one of"),
         ({"activation": "nope"}, "unknown activation 'nope'"),
         ({"dim": 0}, "dim must be a positive int"),
-        ({"dropout": 1.5}, "dropout must be in"),
+        ({"dropout": 1.5}, r"dropout must be a number in \[0, 1\), got 1.5"),
     ],
 )
 def test_linear_adapter_rejects_bad_settings(kwargs, message):

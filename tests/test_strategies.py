@@ -87,12 +87,16 @@ def test_stochastic_depth_without_a_dropout_key_is_a_clear_error():
         model.apply(variables, X)
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.5])
-def test_stochastic_depth_out_of_range_is_rejected_naming_the_adapter(p):
-    base = ja.with_adapters(LinearBN(), {"encoder": "fc"})
-    with pytest.raises(ja.AdapterError, match=rf"adapter 'x' at \['fc'\].*stochastic_depth must be a probability in \[0, 1\], got {p}"):
-        base.add_adapter("x", ja.LinearAdapter(4), strategy=ja.ResidualAdd(stochastic_depth=p))
-    assert base.adapters == ()
+@pytest.mark.parametrize("p", [-0.1, 1.5, "0.5"])
+def test_stochastic_depth_out_of_range_is_rejected_when_built(p):
+    with pytest.raises(ValueError, match=rf"stochastic_depth must be a number in \[0, 1\], got {p!r}"):
+        ja.ResidualAdd(stochastic_depth=p)
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), -0.5, True])
+def test_l2_lambda_must_be_finite_and_non_negative(lam):
+    with pytest.raises(ValueError, match=rf"l2_lambda must be a finite number >= 0, got {lam!r}"):
+        ja.ResidualAdd(l2_lambda=lam)
 
 
 def test_l2_loss_is_zero_at_init_and_follows_nemo_formula():

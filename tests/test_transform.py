@@ -245,7 +245,7 @@ def test_output_shape_mismatch_names_adapter_and_path(encdec):
             return nn.Dense(3)(x)
 
     model = ja.with_adapters(base).add_adapter("squash", Squash(), targets="decoder/fc")
-    with pytest.raises(ja.AdapterError, match=r"adapter 'squash' at 'decoder/fc': its output has shape \(2, 3\), but the hooked value has shape \(2, 50\)"):
+    with pytest.raises(ja.AdapterError, match=r"adapter 'squash' at 'decoder/fc': its output has shape \(2, 3\), but the hooked value has \(2, 50\)"):
         ja.init_adapters(model, base_vars, jax.random.key(1), X)
 
 

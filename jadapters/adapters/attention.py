@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jadapters.adapters.linear import torch_linear_init
+from jadapters.adapters.linear import layer_norm, torch_linear_init
+from jadapters.checks import check_dropout, check_positive_int
 from jadapters.registry import register_adapter
 from jadapters.strategies import MHAResidualAdd, Strategy
 
@@ -23,6 +25,7 @@ class MultiHeadAttentionAdapter(nn.Module):
     ``proj_dim`` None projects to ``n_feat`` (which must divide by ``n_head``);
     ``proj_dim < 1`` means ``n_head``; otherwise it must divide by ``n_head``.
     The output projection (weight and bias) starts at zero, so the output is 0.
+    ``dtype`` / ``param_dtype`` as on ``nn.Dense``; the LayerNorm is PyTorch's.
     ``mask`` is boolean ``[batch, time_q, time_k]`` (or broadcastable), True
     where attention is allowed (Flax's convention; NeMo's is the negation).
     Default strategy: :class:`MHAResidualAdd`, which adds the output to the value.
@@ -40,10 +43,13 @@ class MultiHeadAttentionAdapter(nn.Module):
     n_feat: int
     dropout_rate: float = 0.0
     proj_dim: int | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        if self.n_head < 1:
-            raise ValueError(f"n_head must be >= 1, got {self.n_head}")
+        check_positive_int("n_head", self.n_head)
+        check_positive_int("n_feat", self.n_feat)
+        check_dropout(self.dropout_rate, "dropout_rate")
         width = self.projection_width
         if width % self.n_head:
             what = "proj_dim" if self.proj_dim is not None else "n_feat"
@@ -72,10 +78,11 @@ class MultiHeadAttentionAdapter(nn.Module):
     ) -> jax.Array:
         width, heads = self.projection_width, self.n_head
         d_k = width // heads
-        norm = nn.LayerNorm(epsilon=1e-5, name="pre_norm")
+        norm = layer_norm("pre_norm", self.dtype, self.param_dtype)
+        dense = lambda n, name, **init: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **init)
 
         def project(x, name):
-            y = nn.Dense(width, kernel_init=torch_linear_init, bias_init=_torch_bias_init(self.n_feat), name=name)(norm(x))
+            y = dense(width, name, kernel_init=torch_linear_init, bias_init=_torch_bias_init(self.n_feat))(norm(x))
             return y.reshape(y.shape[:-1] + (heads, d_k))
 
         q, k, v = project(query, "linear_q"), project(key, "linear_k"), project(value, "linear_v")
@@ -89,7 +96,7 @@ class MultiHeadAttentionAdapter(nn.Module):
         attn = nn.Dropout(self.dropout_rate, name="dropout")(attn, deterministic=deterministic or self.dropout_rate == 0)
         context = jnp.einsum("...hqk,...khd->...qhd", attn, v).reshape(query.shape[:-1] + (width,))
         zeros = nn.initializers.zeros
-        return nn.Dense(self.n_feat, kernel_init=zeros, bias_init=zeros, name="linear_out")(context)
+        return dense(self.n_feat, "linear_out", kernel_init=zeros, bias_init=zeros)(context)
 
 
 def _torch_bias_init(fan_in: int):
