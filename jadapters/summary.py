@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from jadapters.registry import registered_name
+from jadapters.table import format_table
 from jadapters.transform import AdaptedModule
 from jadapters.tree import adapter_locations, count_parameters, split_adapters
 
@@ -16,35 +17,53 @@ COLUMNS = ("name", "type", "targets", "params", "% of base", "enabled")
 class AdapterSummary:
     """Rows (one per adapter) plus the base model's parameter count.
 
-    ``str()`` gives a table; :meth:`as_dict` a JSON-ready dict.
+    ``str()`` gives a table whose lines stay short whatever the model (long
+    cells are shortened in the middle) and PEFT's one-line total;
+    :meth:`as_dict` a JSON-ready dict.
     """
 
     rows: tuple[dict, ...]
     base_params: int | None
 
+    @property
+    def trainable_params(self) -> int | None:
+        """Params of the enabled adapters (what :func:`jadapters.make_train_step` trains by default)."""
+        counts = [r["params"] for r in self.rows if r["enabled"]]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    @property
+    def all_params(self) -> int | None:
+        """Base params plus every adapter's."""
+        if self.base_params is None or any(r["params"] is None for r in self.rows):
+            return None
+        return self.base_params + sum(r["params"] for r in self.rows)
+
+    def trainable_line(self) -> str:
+        """PEFT's ``print_trainable_parameters`` line: ``trainable params: X || all params: Y || trainable%: Z``."""
+        trainable, total = self.trainable_params, self.all_params
+        if trainable is None or not total:
+            return "trainable params: - || all params: - || trainable%: - (pass variables to count)"
+        return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
     def as_dict(self) -> dict:
-        return {"adapters": [dict(r) for r in self.rows], "base_params": self.base_params}
+        return {
+            "adapters": [dict(r) for r in self.rows],
+            "base_params": self.base_params,
+            "trainable_params": self.trainable_params,
+            "all_params": self.all_params,
+        }
 
     def __str__(self) -> str:
-        def cell(row, column):
-            value = row[column]
-            if column == "targets":
-                return ", ".join(value) or "-"
-            if column == "% of base":
-                return "-" if value is None else f"{value:.3f}"
-            if value is None:
-                return "-"
-            if column == "params":
-                return f"{value:,}"
-            return str(value)
+        def cells(row):
+            percent = row["% of base"]
+            targets = row["targets"]
+            where = ", ".join(targets) if len(targets) <= 2 else f"{len(targets)} modules: {targets[0]}, ..."
+            return (row["name"], row["type"], where or "-", row["params"],
+                    "-" if percent is None else f"{percent:.3f}", row["enabled"])
 
-        table = [COLUMNS] + [tuple(cell(r, c) for c in COLUMNS) for r in self.rows]
-        if self.base_params is not None:
-            table.append(("base model", "", "", f"{self.base_params:,}", "100.000", ""))
-        widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-        rule = "-+-".join("-" * w for w in widths)
-        lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
-        return "\n".join([lines[0], rule] + lines[1:])
+        footer = [("base model", "", "", self.base_params, "100.000", "")] if self.base_params is not None else []
+        table = format_table(COLUMNS, [cells(r) for r in self.rows], footer=footer)
+        return table + "\n" + self.trainable_line()
 
 
 def adapter_summary(adapted: AdaptedModule, variables: Mapping[str, Any] | None = None) -> AdapterSummary:

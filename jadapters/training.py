@@ -10,9 +10,10 @@ wraps an optax optimizer so that frozen leaves get zero updates and no state.
 :func:`make_train_step` builds a jitted step on top of these, and :func:`fit`
 a progress-bar loop around it. The step follows NeMo's
 ``unfreeze_enabled_adapters(freeze_batchnorm=True)``: disabled adapters stay
-frozen, and updates the base model makes to its own mutable collections
-(BatchNorm running statistics) are discarded, while those of variables inside
-the trained adapters are kept.
+frozen, the base model's BatchNorm layers normalise with their running
+statistics (inference mode) even when the model is called with ``train=True``,
+and updates the base model makes to its own mutable collections are
+discarded, while those of variables inside the trained adapters are kept.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def make_train_step(
     model_kwargs: Mapping[str, Any] | None = None,
     mutable: Sequence[str] | None = None,
     rng_streams: Sequence[str] = ("dropout",),
+    freeze_batchnorm: bool = True,
     jit: bool = True,
 ) -> TrainStep:
     """A step that trains the selected adapters and nothing else.
@@ -251,8 +253,12 @@ def make_train_step(
     adapters' params only. Each stream in ``rng_streams`` gets a key derived
     from ``state.rng`` and ``state.step``. ``mutable`` (default: every
     collection in the variables but params) may change during the step: the
-    base model's changes are discarded (NeMo's frozen BatchNorm), the trained
-    adapters' kept. Metrics: ``loss``, ``task_loss``, ``aux_loss`` and yours.
+    base model's changes are discarded, the trained adapters' kept.
+    ``freeze_batchnorm`` (NeMo's default, True) runs the base model's
+    BatchNorm layers on their running statistics; False lets them normalise
+    with batch statistics when the model is called in training mode (their
+    statistics still never change). Metrics: ``loss``, ``task_loss``,
+    ``aux_loss`` and yours.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
@@ -267,7 +273,7 @@ def make_train_step(
         >>> int(state.step), state.frozen["params"]["kernel"] is params["params"]["kernel"]
         (1, True)
     """
-    trainer = adapted.clone(training=True)
+    trainer = adapted.clone(training=True, freeze_batchnorm=freeze_batchnorm)
     names = tuple(selected_adapters(adapted, which))
     call_kwargs = dict(model_kwargs or {})
     streams = tuple(rng_streams)

@@ -24,6 +24,7 @@ import numpy as np
 from jadapters.context import LOSS_COLLECTION, AdapterContext
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import Target, normalize_targets, path_matches, split_adapter_name
+from jadapters.presets import Preset, get_preset
 from jadapters.strategies import ResidualAdd, Strategy, check_like
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
@@ -58,11 +59,12 @@ class AdapterSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Named module groups, which of them receive global adapters, and accepted types."""
+    """Named module groups, which of them receive global adapters, accepted types, and the preset used."""
 
     modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     global_modules: tuple[str, ...] = ()
     accepted_types: tuple[tuple[str, tuple[type, ...]], ...] = ()
+    preset: str = ""
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -97,6 +99,16 @@ class AdaptedModule(nn.Module):
     adapters: tuple[AdapterSpec, ...] = ()
     training: bool = False
     freeze_batchnorm: bool = False
+
+    def __hash__(self) -> int:
+        # A static argument of jit must hash; a third-party model may not (Hugging Face's Flax
+        # modules hold an unhashable config), so such a model counts by its type alone. Equal
+        # modules still hash equal; jit compares candidates with ==.
+        try:
+            model_hash = hash(self.model)
+        except TypeError:
+            model_hash = hash(type(self.model))
+        return hash((model_hash, self.placement, self.adapters, self.training, self.freeze_batchnorm))
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)
@@ -434,7 +446,7 @@ def _batchnorm_on_running_statistics(module: nn.BatchNorm, call, *args, **kwargs
 
 def with_adapters(
     model: nn.Module,
-    targets: Mapping[str, Target | Iterable[Target]] | None = None,
+    targets: Mapping[str, Target | Iterable[Target]] | Preset | str | None = None,
     *,
     global_modules: Sequence[str] | None = None,
     accepted_types: Mapping[str, type | Sequence[type]] | None = None,
@@ -443,8 +455,10 @@ def with_adapters(
 
     ``targets`` declares the module names that ``'module:name'`` adapters may
     use, each mapped to module paths, globs or regexes (NeMo's
-    ``adapter_module_names``). Bare (global) names go to ``global_modules``
-    (default: all declared ones), like NeMo's global config.
+    ``adapter_module_names``); or it is a :class:`jadapters.Preset` (or the
+    name of a shipped one, e.g. ``'hf_bert'``), whose roles become the module
+    names. Bare (global) names go to ``global_modules`` (default: the preset's
+    global roles, else all declared names), like NeMo's global config.
     ``accepted_types`` restricts which adapter classes a module name accepts.
     To adapt a submodule of a larger model, build the adapted module in the
     parent's ``setup()`` or pass it in as a field.
@@ -459,10 +473,18 @@ def with_adapters(
         >>> variables = init_adapters(model, params, jax.random.key(1), x)
         >>> bool((model.apply(variables, x) == base.apply(params, x)).all())
         True
+        >>> with_adapters(base, "hf_bert").placement.global_modules
+        ('ffn_output',)
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"with_adapters expects a flax.linen.Module, got {model!r}")
     model = _detached(model)
+    preset_name = ""
+    if isinstance(targets, (Preset, str)):
+        preset = get_preset(targets)
+        preset_name, targets = preset.name, dict(preset.roles)
+        if global_modules is None:
+            global_modules = preset.global_roles
     declared: list[tuple[str, tuple[str, ...]]] = []
     for module_name, module_targets in (targets or {}).items():
         if not isinstance(module_name, str) or not module_name or any(c in module_name for c in ":+/"):
@@ -479,7 +501,8 @@ def with_adapters(
             raise AdapterError(f"accepted_types names module {module_name!r}, which is not declared: {names}")
         types = (types,) if isinstance(types, type) else tuple(types)
         accepted.append((module_name, types))
-    return AdaptedModule(model=model, placement=Placement(tuple(declared), chosen, tuple(accepted)))
+    placement = Placement(tuple(declared), chosen, tuple(accepted), preset_name)
+    return AdaptedModule(model=model, placement=placement)
 
 
 def init_adapters(
@@ -513,7 +536,7 @@ def init_adapters(
     _check_collections(variables, "init_adapters")
     rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
     adapted = adapted.clone(training=False)  # creating params needs no dropout keys
-    traced, rebuild = _split_static((args, kwargs))
+    traced, rebuild = split_static((args, kwargs))
 
     @jax.jit
     def create(variables, rngs, traced):
@@ -557,7 +580,7 @@ def _leaf_paths(tree: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
 
 
-def _split_static(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+def split_static(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     """Array leaves of ``tree`` (to trace) and a function that rebuilds it with Python values kept as they are."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     is_array = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves]

@@ -419,3 +419,26 @@ def test_fit_runs_steps_calls_on_step_and_returns_losses(capsys):
 
     state, more = fit(step, state, iter(batches[:3]), progress=False)
     assert int(state.step) == 9 and len(more) == 3
+
+
+@pytest.mark.parametrize("freeze_batchnorm", [True, False])
+def test_base_batchnorm_mode_during_adapter_training(freeze_batchnorm):
+    """NeMo's freeze_batchnorm (the default): the base BatchNorm normalises with its running
+    statistics even though the model is called with train=True; the option gives batch statistics."""
+    base = BNNet()
+    model = with_adapters(base, {"fc": "fc"}).add_adapter("a", LinearAdapter(dim=4))
+    base_variables, variables = init_all(model, base)
+    x, y = make_batch()
+    _, stats = base.apply(base_variables, x * 3 + 1, train=True, mutable=["batch_stats"])
+    variables = perturbed({**variables, **stats})
+
+    step = make_train_step(
+        model, mse, optax.sgd(0.0), model_kwargs={"train": True}, freeze_batchnorm=freeze_batchnorm
+    )
+    _, metrics = step(step.init(variables, jax.random.key(0)), (x, y))
+
+    running = mse(model.apply(variables, x, train=False), (x, y))
+    batch, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    expected, other = (running, mse(batch, (x, y))) if freeze_batchnorm else (mse(batch, (x, y)), running)
+    np.testing.assert_allclose(metrics["task_loss"], expected, rtol=1e-6)
+    assert abs(float(metrics["task_loss"]) - float(other)) > 1e-3

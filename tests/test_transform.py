@@ -434,12 +434,37 @@ def test_adapter_summary_table_and_dict():
              "params": 2 * (16 * 2 + 2 * 16 + 2 * 16), "% of base": 100 * 192 / base_count, "enabled": False},
         ],
         "base_params": base_count,
+        "trainable_params": a_count,
+        "all_params": base_count + a_count + 192,
     }
     table = str(summary).splitlines()
     assert table[0].split(" | ")[0].strip() == "name" and "% of base" in table[0]
     assert table[2].startswith("a ") and "LinearAdapter" in table[2] and "True" in table[2]
-    assert table[-1].startswith("base model") and f"{base_count:,}" in table[-1]
+    assert table[-2].startswith("base model") and f"{base_count:,}" in table[-2]
+    total = base_count + a_count + 192
+    assert table[-1] == (
+        f"trainable params: {a_count:,} || all params: {total:,} || trainable%: {100 * a_count / total:.4f}"
+    )
     assert ja.adapter_summary(model).rows[0]["targets"] == ["encoder/layers_*"]
+    assert ja.adapter_summary(model).trainable_line().startswith("trainable params: - ||")
+
+
+def test_adapter_summary_lines_stay_short_for_deep_models():
+    class Deep(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(48):
+                x = nn.Dense(4, name=f"a_rather_long_block_name_number_{i}_with_a_rather_long_suffix")(x)
+            return x
+
+    x = jnp.ones((1, 4))
+    model = ja.with_adapters(Deep(), {"all": "a_rather_*"}).add_adapter(
+        "an_adapter_with_a_name_that_goes_on_and_on_for_quite_a_while_indeed", ja.LoRA(rank=2)
+    )
+    variables = ja.init_adapters(model, Deep().init(jax.random.key(0), x), jax.random.key(1), x)
+    lines = str(ja.adapter_summary(model, variables)).splitlines()
+    assert max(map(len, lines)) <= 200
+    assert "48 modules" in lines[2]
 
 
 class OuterWithSetup(nn.Module):

@@ -1,0 +1,145 @@
+"""Roles and presets: where the parts of a transformer are, for each model family.
+
+A *role* is a part that adapter methods ask for by name: the attention's
+``query``, ``key``, ``value`` (or a fused ``qkv``) and ``attention_output``
+projections, the feed-forward's ``ffn_intermediate`` and ``ffn_output``
+layers, and the token ``embeddings``. A :class:`Preset` maps roles to module
+targets for one model family; ``with_adapters(model, preset)`` declares every
+role as a module name, so ``'value:name'`` puts an adapter on every value
+projection and methods place themselves without per-architecture code.
+
+Presets for Hugging Face's Flax BERT, GPT-2, T5 and ViT (``transformers<5``)
+ship here; a family of your own is a :class:`Preset` of a few lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+from jadapters.errors import AdapterError
+from jadapters.naming import Target, normalize_targets
+
+QUERY, KEY, VALUE, QKV = "query", "key", "value", "qkv"
+ATTENTION_OUTPUT = "attention_output"
+FFN_INTERMEDIATE, FFN_OUTPUT = "ffn_intermediate", "ffn_output"
+EMBEDDINGS = "embeddings"
+
+#: The roles adapter methods may ask for.
+ROLES = (QUERY, KEY, VALUE, QKV, ATTENTION_OUTPUT, FFN_INTERMEDIATE, FFN_OUTPUT, EMBEDDINGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Role names mapped to module targets for one model family.
+
+    Attributes:
+        name: the family, e.g. ``'hf_bert'``.
+        roles: ``((role, targets), ...)``; build one with :meth:`make`.
+        global_roles: where bare (global) adapter names go.
+
+    Example:
+        >>> preset = Preset.make("mine", {"query": "attn/q", "ffn_output": "mlp/out"}, global_roles=["ffn_output"])
+        >>> preset.targets("query")
+        ('attn/q',)
+    """
+
+    name: str
+    roles: tuple[tuple[str, tuple[str, ...]], ...]
+    global_roles: tuple[str, ...] = ()
+
+    @classmethod
+    def make(
+        cls, name: str, roles: Mapping[str, Target | Iterable[Target]], *, global_roles: Iterable[str] = ()
+    ) -> "Preset":
+        """A preset from a ``{role: targets}`` mapping; unknown roles are allowed (your own names)."""
+        declared = tuple((role, normalize_targets(targets)) for role, targets in roles.items())
+        global_roles = tuple(global_roles)
+        for role in global_roles:
+            if role not in dict(declared):
+                raise AdapterError(f"preset {name!r}: global role {role!r} is not one of its roles {list(dict(declared))}")
+        return cls(name, declared, global_roles)
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        return tuple(role for role, _ in self.roles)
+
+    def targets(self, role: str) -> tuple[str, ...]:
+        """The targets of ``role``; a clear error if this family does not declare it."""
+        found = dict(self.roles).get(role)
+        if found is None:
+            raise AdapterError(f"preset {self.name!r} declares no role {role!r}; its roles: {list(self.role_names)}")
+        return found
+
+
+HF_BERT = Preset.make(
+    "hf_bert",
+    {
+        QUERY: "attention/self/query",
+        KEY: "attention/self/key",
+        VALUE: "attention/self/value",
+        ATTENTION_OUTPUT: "attention/output/dense",
+        FFN_INTERMEDIATE: "intermediate/dense",
+        FFN_OUTPUT: r"re:(.*/)?layer/\d+/output/dense",
+        EMBEDDINGS: "embeddings/word_embeddings",
+    },
+    global_roles=[FFN_OUTPUT],
+)
+
+HF_VIT = Preset.make(
+    "hf_vit",
+    {
+        QUERY: "attention/attention/query",
+        KEY: "attention/attention/key",
+        VALUE: "attention/attention/value",
+        ATTENTION_OUTPUT: "attention/output/dense",
+        FFN_INTERMEDIATE: "intermediate/dense",
+        FFN_OUTPUT: r"re:(.*/)?layer/\d+/output/dense",
+        EMBEDDINGS: "embeddings/patch_embeddings/projection",
+    },
+    global_roles=[FFN_OUTPUT],
+)
+
+HF_GPT2 = Preset.make(
+    "hf_gpt2",
+    {
+        QKV: "attn/c_attn",
+        ATTENTION_OUTPUT: "attn/c_proj",
+        FFN_INTERMEDIATE: "mlp/c_fc",
+        FFN_OUTPUT: "mlp/c_proj",
+        EMBEDDINGS: "wte",
+    },
+    global_roles=[FFN_OUTPUT],
+)
+
+HF_T5 = Preset.make(
+    "hf_t5",
+    {
+        QUERY: ["SelfAttention/q", "EncDecAttention/q"],
+        KEY: ["SelfAttention/k", "EncDecAttention/k"],
+        VALUE: ["SelfAttention/v", "EncDecAttention/v"],
+        ATTENTION_OUTPUT: ["SelfAttention/o", "EncDecAttention/o"],
+        FFN_INTERMEDIATE: r"re:(.*/)?DenseReluDense/wi(_\d)?",
+        FFN_OUTPUT: "DenseReluDense/wo",
+        EMBEDDINGS: "shared",
+    },
+    global_roles=[FFN_OUTPUT],
+)
+
+#: The presets that ship with jadapters, by name.
+PRESETS: dict[str, Preset] = {p.name: p for p in (HF_BERT, HF_GPT2, HF_T5, HF_VIT)}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """A preset, or the shipped one of that name.
+
+    Example:
+        >>> get_preset("hf_gpt2").targets("qkv")
+        ('attn/c_attn',)
+    """
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except (KeyError, TypeError):
+        raise AdapterError(f"no preset named {preset!r}; the shipped presets are {sorted(PRESETS)}") from None
