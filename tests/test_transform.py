@@ -413,7 +413,8 @@ def test_identity_at_init_for_random_shapes(batch, dim, adapter_dim, layers, nor
     base_vars = base.init(jax.random.key(0), x)
     model = ja.with_adapters(base).add_adapter("a", ja.LinearAdapter(adapter_dim, norm_position=norm_position), targets="layers/**")
     variables = ja.init_adapters(model, base_vars, jax.random.key(1), x)
-    chex.assert_trees_all_equal(model.apply(variables, x), base.apply(base_vars, x))
+    # The adapters add exact zeros; the scan body is compiled, so XLA may fuse it differently (ulps).
+    chex.assert_trees_all_close(model.apply(variables, x), base.apply(base_vars, x), rtol=1e-6, atol=1e-6)
 
 
 def test_adapter_summary_table_and_dict():
