@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from jadapters import cli
+from jadapters import cli, inspect_checkpoint
 
 DEMO_STEPS = 12
 
@@ -41,8 +41,8 @@ def test_demo_runs_and_writes_its_table_png_and_checkpoints(demo_run):
         assert expected in output, expected
     png = out / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "adapters" / "_CHECKPOINT_METADATA").exists()
-    assert (out / "full_model" / "_CHECKPOINT_METADATA").exists()
+    assert inspect_checkpoint(out / "adapters").kind == "adapters"
+    assert inspect_checkpoint(out / "full_model").kind == "model"
     trained_share = [line for line in output.splitlines() if line.startswith("+ LinearAdapter")][0]
     assert float(trained_share.split("(")[-1].split("%")[0]) < 5.0  # share of params trained
 
