@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -464,6 +466,34 @@ def test_adapters_with_other_collections_save_every_collection(tmp_path, base_va
     path = save_adapters(tmp_path / "a", model, with_stats)
     _, loaded = load_adapters(path, wrap(), base_vars)
     assert_same_tree(split_adapters(loaded)[0], split_adapters(with_stats)[0])
+
+
+# ----------------------------------------------------------------------------- atomicity
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_50_saves_never_corrupts(tmp_path):
+    """Orbax's commit protocol: a killed save leaves the previous checkpoint; the next save cleans up."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_trials.py"), str(tmp_path / "ckpt"),
+                           "50", "0", "0.15"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["corrupted"] == 0, proc.stderr[-3000:]
+    assert result["ok"] + result["missing"] == 50 and result["missing"] <= 1
+    assert result["killed_mid_save"] >= 5  # the kills did land inside saves
+    assert result["leftovers_after_next_save"] == [] and result["entries_after_next_save"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_killed_first_save_leaves_a_directory_the_next_save_may_use(tmp_path, base_vars, x):
+    model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}))
+    leftover = tmp_path / "a" / "1.orbax-checkpoint-tmp-1234"
+    (leftover / "arrays").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no committed orbax checkpoint"):
+        load_adapters(tmp_path / "a", wrap(), base_vars)
+    save_adapters(tmp_path / "a", model, variables)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["1"]
 
 
 # ----------------------------------------------------------------------------- properties

@@ -338,7 +338,7 @@ def checkpointer_restore(step_dir: epath.Path) -> Callable[["ocp.args.Checkpoint
 
 def disk_bytes(path: epath.Path) -> int:
     """Bytes of all files under ``path``."""
-    return sum((root / f).stat().length for root, _, files in path.walk() for f in files)
+    return sum(disk_bytes(p) if p.is_dir() else p.stat().length for p in path.iterdir())
 
 
 @contextlib.contextmanager
