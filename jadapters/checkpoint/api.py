@@ -46,7 +46,7 @@ from jadapters.registry import class_path, get_registered_adapter, import_by_pat
 from jadapters.strategies import Strategy
 from jadapters.table import format_table
 from jadapters.transform import AdaptedModule, AdapterSpec, Placement, with_adapters
-from jadapters.tree import ADAPTERS_KEY, adapter_locations, adapter_name_at, merge_trees, split_adapters
+from jadapters.tree import ADAPTERS_KEY, adapter_locations, adapter_name_at, merge_trees
 
 Variables = Mapping[str, Any]
 
@@ -131,10 +131,8 @@ def load_adapters(
         >>> restored.adapter_names(), restored.get_enabled_adapters()
         (['a'], [])
     """
-    step_dir, metadata = io.find_checkpoint(io.checkpoint_path(path), KIND_ADAPTERS)
-    resolve = _resolver(allowed_classes)
+    step_dir, metadata, resolve, adapted = _open(path, KIND_ADAPTERS, adapted, allowed_classes, "load_adapters")
     records = _select_records(metadata.adapters, name, step_dir)
-    adapted = _target_model(adapted, metadata, resolve, step_dir, "load_adapters")
     new_model = _add_specs(adapted, [_rebuild_spec(r, resolve, step_dir) for r in records], step_dir)
     present = set(adapter_locations(variables))
     for r in records:
@@ -149,10 +147,7 @@ def load_adapters(
     wanted = {r.name for r in records}
     entries = [e for e in metadata.arrays if adapter_name_at(e.path) in wanted]
     default = _replicated_over_base_mesh(variables) if shardings is None else None
-    targets = [io.sharding_for(shardings, e.path, e.shape, entry_dtype(e, step_dir)) or default for e in entries]
-    arrays = io.read_arrays(io.checkpointer_restore(step_dir), metadata, entries, targets, step_dir)
-    loaded = traverse_util.unflatten_dict({e.path: a for e, a in zip(entries, arrays)})
-    return new_model, merge_trees(variables, loaded)
+    return new_model, merge_trees(variables, _read(step_dir, metadata, entries, shardings, default))
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -201,9 +196,7 @@ def load_model(
         >>> restored.adapter_names()
         ['a']
     """
-    step_dir, metadata = io.find_checkpoint(io.checkpoint_path(path), KIND_MODEL)
-    resolve = _resolver(allowed_classes)
-    adapted = _target_model(model, metadata, resolve, step_dir, "load_model")
+    step_dir, metadata, resolve, adapted = _open(path, KIND_MODEL, model, allowed_classes, "load_model")
     if adapted.adapters:
         raise AdapterError(
             f"load_model restores a whole model, adapters included; pass the model without adapters "
@@ -211,10 +204,21 @@ def load_model(
         )
     _check_placement(adapted, metadata, metadata.adapters)
     new_model = _add_specs(adapted, [_rebuild_spec(r, resolve, step_dir) for r in metadata.adapters], step_dir)
-    entries = list(metadata.arrays)
-    targets = [io.sharding_for(shardings, e.path, e.shape, entry_dtype(e, step_dir)) for e in entries]
+    return new_model, _read(step_dir, metadata, list(metadata.arrays), shardings)
+
+
+def _open(path: PathLike, kind: str, model: Any, allowed_classes: Iterable[type], what: str):
+    """The step directory and metadata of the checkpoint at ``path``, the class resolver, the target model."""
+    step_dir, metadata = io.find_checkpoint(io.checkpoint_path(path), kind)
+    resolve = _resolver(allowed_classes)
+    return step_dir, metadata, resolve, _target_model(model, metadata, resolve, step_dir, what)
+
+
+def _read(step_dir: epath.Path, metadata: Metadata, entries: Sequence[ArrayEntry], shardings: Shardings, default=None) -> dict:
+    """The arrays of ``entries`` as a variables tree, each on the sharding ``shardings`` gives it (else ``default``)."""
+    targets = [io.sharding_for(shardings, e.path, e.shape, entry_dtype(e, step_dir)) or default for e in entries]
     arrays = io.read_arrays(io.checkpointer_restore(step_dir), metadata, entries, targets, step_dir)
-    return new_model, traverse_util.unflatten_dict({e.path: a for e, a in zip(entries, arrays)})
+    return traverse_util.unflatten_dict({e.path: a for e, a in zip(entries, arrays)})
 
 
 # ----------------------------------------------------------------------------- training states

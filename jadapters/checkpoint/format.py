@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -169,6 +170,11 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _from_json(hint: Any, value: Any, where: str) -> Any:
     """``value`` read as the type ``hint`` (dataclasses, tuples, dicts, unions, scalars, Any)."""
     if hint is Any:
@@ -182,7 +188,7 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise _Malformed(f"{where or 'the metadata'} is {value!r}, expected an object")
-        hints = typing.get_type_hints(hint)
+        hints = _hints(hint)
         fields = {}
         for f in dataclasses.fields(hint):
             here = f"{where}.{f.name}" if where else f.name

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from jadapters.checkpoint.format import ArrayEntry, Buffer, CheckpointError, Metadata, dtype_name, dtype_named, entry_dtype
+from jadapters.checkpoint.format import FORMAT, ArrayEntry, Buffer, CheckpointError, Metadata, dtype_name, dtype_named, entry_dtype
 from jadapters.errors import AdapterError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -165,7 +165,7 @@ def write_checkpoint(root: epath.Path, tree: dict, metadata: Metadata, *, overwr
     directory, or what a killed save left) is never touched.
     """
     _check_replaceable(root, overwrite)
-    with checkpoint_errors(root, "write"), manager(root) as m:
+    with checkpoint_errors(root, "write"), manager(root, lightweight_initialize=True) as m:
         step = (m.latest_step() or 0) + 1
         m.save(step, args=save_args(tree), custom_metadata=metadata.to_json(), force=True)
         m.wait_until_finished()
@@ -178,11 +178,13 @@ def _check_replaceable(root: epath.Path, overwrite: bool) -> None:
     if not root.is_dir():
         raise CheckpointError(f"{root} exists and is not a directory; refusing to replace it")
     try:
-        find_checkpoint(root)
+        _, custom = _step_metadata(root)
     except CheckpointError:
+        custom = None
+    if not isinstance(custom, Mapping) or custom.get("format") != FORMAT:
         if _only_leftovers(root):
             return
-        raise CheckpointError(f"{root} exists and is not a jadapters checkpoint; refusing to replace it") from None
+        raise CheckpointError(f"{root} exists and is not a jadapters checkpoint; refusing to replace it")
     if not overwrite:
         raise CheckpointError(f"{root} already exists (pass overwrite=True to replace it)")
 
@@ -208,6 +210,12 @@ def _committed(step_dir: epath.Path) -> bool:
 
 def find_checkpoint(path: epath.Path, kind: str | None = None) -> tuple[epath.Path, Metadata]:
     """The step directory to read at ``path`` (a checkpoint, or one of its steps) and its metadata, of ``kind``."""
+    step_dir, custom = _step_metadata(path)
+    return step_dir, Metadata.from_json(custom, step_dir, kind)
+
+
+def _step_metadata(path: epath.Path) -> tuple[epath.Path, Any]:
+    """The step directory to read at ``path`` and its orbax custom metadata, unchecked."""
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     if not path.is_dir():
@@ -221,7 +229,7 @@ def find_checkpoint(path: epath.Path, kind: str | None = None) -> tuple[epath.Pa
         step_dir = latest.path
     with checkpoint_errors(step_dir, "read"):
         custom = ocp.metadata.get_step_metadata(step_dir).custom_metadata
-    return step_dir, Metadata.from_json(custom, step_dir, kind)
+    return step_dir, custom
 
 
 def read_arrays(
