@@ -14,7 +14,8 @@ Phases:
   the layout jadapters uses) in each way orbax offers, against packing them
   into one buffer per dtype: ``StandardCheckpointHandler`` (OCDBT),
   ``PyTreeCheckpointHandler`` without OCDBT, with zarr3, and with
-  ``SaveArgs(aggregate=True)``; packed buffers through the same handlers;
+  ``SaveArgs(aggregate=True)``; packed buffers through the same handlers
+  and without compression;
   ``numpy.savez`` for reference. This is what picked jadapters' storage.
 * versus npz and the full model (``--repeats-full`` rounds):
   :func:`jadapters.save_adapters` / :func:`jadapters.load_adapters` against
@@ -52,6 +53,7 @@ from flax import traverse_util  # noqa: E402
 import jadapters  # noqa: E402
 from jadapters.checkpoint import io  # noqa: E402
 from jadapters.table import format_table  # noqa: E402
+from benchmarks.timing import paired_ratio  # noqa: E402
 
 
 class Block(nn.Module):
@@ -129,7 +131,8 @@ def orbax_options(adapters: dict) -> dict[str, tuple[Callable[[], Any], Callable
         "packed, StandardCheckpointHandler (OCDBT)": (
             ocp.StandardCheckpointHandler, lambda: ocp.args.StandardSave(packed),
             lambda: ocp.args.StandardRestore(jax.tree_util.tree_map(lambda a: np.zeros_like(a), packed))),
-        "packed, PyTree, OCDBT off (jadapters)": pytree(packed, use_ocdbt=False),
+        "packed, PyTree, OCDBT off": pytree(packed, use_ocdbt=False),
+        "packed, PyTree, OCDBT off, no compression (jadapters)": pytree(packed, use_ocdbt=False, use_compression=False),
         "packed, PyTree, zarr3 + OCDBT": pytree(packed, use_zarr3=True),
     }
 
@@ -241,10 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(options) + ["numpy.savez"]
     results = {
         "adapter_bytes_vs_raw": sizes["adapter_checkpoint_bytes"] / raw,
-        "adapter_save_vs_full": m["adapter_save"] / m["full_save"],
-        "adapter_load_vs_full": m["adapter_load"] / m["full_load"],
-        "adapter_save_vs_npz": m["adapter_save"] / m["npz_save"],
-        "adapter_load_vs_npz": m["adapter_load"] / m["npz_load"],
+        # Medians of ratios paired within a round, which cancels the slow drifts of a shared machine.
+        "adapter_save_vs_full": paired_ratio(full, "adapter_save", "full_save"),
+        "adapter_load_vs_full": paired_ratio(full, "adapter_load", "full_load"),
+        "adapter_save_vs_npz": paired_ratio(full, "adapter_save", "npz_save"),
+        "adapter_load_vs_npz": paired_ratio(full, "adapter_load", "npz_load"),
         "median_seconds": m,
         "bytes": dict(sizes, raw_adapter_bytes=raw),
         "options": {
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["adapter save / npz save", f"{results['adapter_save_vs_npz']:.2f}", ""],
         ["adapter load / npz load", f"{results['adapter_load_vs_npz']:.2f}", ""],
     ]
-    print(format_table(["ratio (medians)", "value", "target"], rows, max_width=60))
+    print(format_table(["ratio (median of paired rounds)", "value", "target"], rows, max_width=60))
     print("medians: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
     if args.json:
         with open(args.json, "w") as f:

@@ -161,6 +161,8 @@ class _Malformed(Exception):
 
 
 def _to_json(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float)):
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
