@@ -487,6 +487,16 @@ def test_a_killed_first_save_leaves_a_directory_the_next_save_may_use(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["1"]
 
 
+def test_a_training_manager_start_removes_what_killed_saves_left(tmp_path):
+    with jadapters.adapter_checkpoint_manager(tmp_path / "runs", async_save=False) as manager:
+        jadapters.save_training_state(manager, {"w": jnp.ones(2)}, step=1)
+    (tmp_path / "runs" / "2.orbax-checkpoint-tmp-99" / "arrays").mkdir(parents=True)  # a killed save of step 2
+    with jadapters.adapter_checkpoint_manager(tmp_path / "runs", async_save=False) as manager:
+        assert manager.all_steps() == [1]
+        jadapters.save_training_state(manager, {"w": jnp.zeros(2)}, step=2)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1", "2"]
+
+
 # ----------------------------------------------------------------------------- properties
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
@@ -156,6 +157,16 @@ def manager(
     return ocp.CheckpointManager(
         root, options=manager_options, item_handlers={_ITEM: _handler()}
     )
+
+
+class _NoOcdbtMergeNotice(logging.Filter):
+    """Drops orbax's notice, logged at every save without OCDBT, that there are no OCDBT files to merge."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoOcdbtMergeNotice())
 
 
 def _handler() -> "ocp.PyTreeCheckpointHandler":
