@@ -569,7 +569,7 @@ def test_inspect_reports_types_placement_sizes_and_fingerprint(tmp_path, base_va
     as_dict = json.loads(json.dumps(info.as_dict()))
     assert as_dict["base_fingerprint"]["params"]["enc_0"]["fc/kernel"] == [[DIM, DIM], "float32"]
     assert as_dict["placement"]["modules"] == [["encoder", ["enc_*"]], ["decoder", ["dec_*"]]]
-    assert as_dict["adapters"][1]["hyperparameters"] == {"rank": 2, "alpha": 8.0, "features": None, "dropout": 0.0}
+    assert {"rank": 2, "alpha": 8.0, "dropout": 0.0}.items() <= as_dict["adapters"][1]["hyperparameters"].items()
     text = str(info)
     assert "LinearAdapter" in text and "decoder:dec_*" in text and info.metadata.fingerprint.digest in text
 
