@@ -13,6 +13,7 @@ state; children use host (numpy) arrays only.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -108,7 +109,7 @@ def report(fd: int, **fields) -> None:
 
 def main(path: str, trials: int, seed: int, max_delay: float) -> None:
     if path.startswith("gs://"):
-        import gcsfs  # noqa: F401  imported once here rather than in every child
+        importlib.import_module("gcsfs")  # imported once here rather than in every child
     model, base, versions = setup()
     rng = random.Random(seed)
     results = []

@@ -42,7 +42,7 @@ from jadapters.checkpoint.format import (
 from jadapters.checkpoint.io import PathLike, Shardings
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import split_adapter_name
-from jadapters.registry import class_path, get_registered_adapter, import_by_path
+from jadapters.registry import class_path, get_registered_adapter, import_by_path, registered_name
 from jadapters.strategies import Strategy
 from jadapters.table import format_table
 from jadapters.transform import AdaptedModule, AdapterSpec, Placement, with_adapters
@@ -513,18 +513,13 @@ def _records(adapted: AdaptedModule, names: Sequence[str], leaves: Sequence[tupl
             modules=tuple(spec.modules),
             targets=tuple(spec.targets),
             enabled=bool(spec.enabled),
-            type=_type_name(type(spec.adapter)),
+            type=registered_name(type(spec.adapter)),
             locations=tuple(locations.get(spec.name, ())),
             num_params=sizes[spec.name][0],
             nbytes=sizes[spec.name][1],
             spec=encode_value(spec, f"adapter {spec.name!r}: spec"),
         ))
     return records
-
-
-def _type_name(cls: type) -> str:
-    entry = get_registered_adapter(cls)
-    return entry.name if entry else class_path(cls)
 
 
 def _fingerprint(variables: Variables, records: Sequence[AdapterRecord]) -> Fingerprint:
@@ -676,7 +671,7 @@ def _resolver(allowed_classes: Iterable[type]) -> Callable[[str], type]:
     for cls in allowed_classes:
         if not isinstance(cls, type):
             raise AdapterError(f"allowed_classes must hold classes, got {cls!r}")
-        allowed[class_path(cls)] = allowed[_type_name(cls)] = cls
+        allowed[class_path(cls)] = allowed[registered_name(cls)] = cls
 
     def resolve(name: str) -> type:
         if name in allowed:
