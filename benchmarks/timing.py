@@ -8,6 +8,8 @@ from typing import Callable, Mapping
 
 import jax
 
+from jadapters.table import format_table
+
 
 def interleaved_times(variants: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
     """Seconds per call of each variant in each of ``rounds`` interleaved rounds.
@@ -41,9 +43,5 @@ def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    """Prints rows (the first is the header) as an aligned table."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    """Prints rows (the first is the header) as an aligned table, through jadapters' one table formatter."""
+    print(format_table(rows[0], rows[1:], max_width=80))

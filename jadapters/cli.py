@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Shows the adapters of a jadapters checkpoint: names, types, placement, enabled, sizes, "
         "and the base model's fingerprint. PATH may also be a training checkpoint directory (latest step).",
     )
-    inspect.add_argument("path", metavar="PATH", help="checkpoint directory")
+    inspect.add_argument("path", metavar="PATH", help="checkpoint directory: a local path or gs://bucket/...")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 

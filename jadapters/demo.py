@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from jadapters.adapters import LinearAdapter
 from jadapters.checkpoint import inspect_checkpoint, load_adapters, save_adapters, save_model
 from jadapters.checkpoint import adapter_checkpoint_manager, save_training_state
+from jadapters.table import format_table
 from jadapters.training import fit, make_train_step
 from jadapters.transform import init_adapters, with_adapters
 from jadapters.tree import count_parameters, split_adapters
@@ -258,22 +259,19 @@ def run_demo(
 
 def format_result(result: DemoResult, *, steps: int, kept_steps: list[int], runs: Path) -> str:
     """The demo's report: a table of accuracies, trained parameters and times, then the checkpoints."""
-    rows = [("", "normal digits", "rotated digits", "params trained", "train time")]
+    rows = []
     for p in result.phases:
         share = 100.0 * p.trained_params / result.total_params
         rows.append((
             p.label, f"{100 * p.accuracy_normal:.1f} %", f"{100 * p.accuracy_shifted:.1f} %",
             f"{p.trained_params:,} ({share:.1f} %)", f"{p.seconds:.1f} s",
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])])
+    table = format_table(["", "normal digits", "rotated digits", "params trained", "train time"], rows, max_width=60)
     ratio = result.full_checkpoint_bytes / max(result.adapter_checkpoint_bytes, 1)
     lines = [
         f"jadapters demo: scikit-learn digits, {steps} steps per phase; shifted domain = digits rotated 90 degrees",
         "",
-        line(rows[0]),
-        "  ".join("-" * w for w in widths),
-        *[line(r) for r in rows[1:]],
+        table,
         "",
         f"adapters disabled again: normal digits {100 * result.accuracy_adapters_disabled_normal:.1f} % "
         f"(the base model, unchanged)",

@@ -227,7 +227,20 @@ def default_inputs(batch: Batch) -> tuple:
         >>> default_inputs(("x", "y")), default_inputs({"inputs": "x", "labels": "y"})
         (('x',), ('x',))
     """
-    return (batch["inputs"],) if isinstance(batch, Mapping) else (batch[0],)
+    if isinstance(batch, Mapping):
+        if "inputs" not in batch:
+            raise AdapterError(
+                f"a dict batch needs an 'inputs' entry (the model's input); this one has {sorted(map(str, batch))}: "
+                f"rename it, or pass inputs=lambda batch: (batch['x'],) to make_train_step"
+            )
+        return (batch["inputs"],)
+    try:
+        return (batch[0],)
+    except (TypeError, IndexError, KeyError):
+        raise AdapterError(
+            f"a batch is a dict with 'inputs' or a sequence whose first item is the model's input; got "
+            f"{type(batch).__name__}: pass inputs=... to make_train_step"
+        ) from None
 
 
 def make_train_step(
@@ -273,6 +286,14 @@ def make_train_step(
         >>> int(state.step), state.frozen["params"]["kernel"] is params["params"]["kernel"]
         (1, True)
     """
+    if not isinstance(adapted, AdaptedModule):
+        raise AdapterError(f"make_train_step expects the AdaptedModule returned by with_adapters, got {type(adapted).__name__}")
+    if not callable(loss_fn):
+        raise AdapterError(f"make_train_step: loss_fn must be a function (outputs, batch) -> loss, got {loss_fn!r}")
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise AdapterError(
+            f"make_train_step: tx must be an optax.GradientTransformation such as optax.adam(1e-3), got {tx!r}"
+        )
     trainer = adapted.clone(training=True, freeze_batchnorm=freeze_batchnorm)
     names = tuple(selected_adapters(adapted, which))
     call_kwargs = dict(model_kwargs or {})
@@ -291,8 +312,7 @@ def make_train_step(
             outputs, mutated = trainer.apply(
                 combine(trainable, frozen), *args, rngs=rngs, mutable=collections + [LOSS_COLLECTION], **call_kwargs
             )
-            result = loss_fn(outputs, batch)
-            task_loss, metrics = result if isinstance(result, tuple) else (result, {})
+            task_loss, metrics = _loss_and_metrics(loss_fn(outputs, batch))
             aux_loss = sum_adapter_losses(mutated)
             return task_loss + aux_loss, (mutated, task_loss, aux_loss, dict(metrics))
 
@@ -337,6 +357,10 @@ def fit(
         >>> len(losses), losses[-1] < losses[0]
         (5, True)
     """
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0):
+        raise AdapterError(f"fit: num_steps must be an int >= 0 or None (every batch), got {num_steps!r}")
+    if not callable(step):
+        raise AdapterError(f"fit: step must be a TrainStep (from make_train_step) or a function, got {step!r}")
     if num_steps is None and hasattr(batches, "__len__"):
         total = len(batches)
     else:
@@ -351,6 +375,22 @@ def fit(
             if on_step is not None:
                 on_step(state, metrics)
     return state, losses
+
+
+def _loss_and_metrics(result: Any) -> tuple[Any, Mapping[str, Any]]:
+    """The loss function's result as ``(scalar loss, metrics)``; a clear error for anything else."""
+    expected = "loss_fn must return a scalar loss, or (scalar loss, dict of metrics)"
+    if isinstance(result, tuple):
+        if len(result) != 2 or not isinstance(result[1], Mapping):
+            raise AdapterError(f"{expected}; it returned a tuple of {len(result)} ({', '.join(type(r).__name__ for r in result)})")
+        loss, metrics = result
+    else:
+        loss, metrics = result, {}
+    shape = getattr(loss, "shape", None)
+    if shape is None or shape != ():
+        what = f"an array of shape {shape}" if shape is not None else type(loss).__name__
+        raise AdapterError(f"{expected}; its loss is {what} (reduce it, e.g. with .mean())")
+    return loss, dict(metrics)
 
 
 def _restrict(tree: Mapping, like: Mapping) -> dict:

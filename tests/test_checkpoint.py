@@ -1,15 +1,10 @@
-"""Adapter-only checkpoints: round trips, selection, errors, atomicity, full model, training state."""
+"""Adapter-only checkpoints: round trips, selection, errors, untrusted classes, full model, training state."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import selectors
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -22,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jadapters
+import kill_trials
 from jadapters import (
     AdapterError,
     CheckpointError,
@@ -38,7 +34,8 @@ from jadapters import (
     split_adapters,
     with_adapters,
 )
-from jadapters.checkpoint import atomic, packing
+from jadapters.checkpoint import io
+from jadapters.checkpoint.format import Metadata
 from jadapters.tree import ADAPTERS_KEY
 
 DIM = 8
@@ -135,9 +132,9 @@ def test_round_trip_rebuilds_adapters_and_predictions(tmp_path, base_vars, x):
         ("custom", LinearAdapter(2), {"targets": "re:dec_1", "strategy": Scale(0.5, (1, 2))}),
     )
     path = save_adapters(tmp_path / "ckpt", model, variables)
-    assert path == (tmp_path / "ckpt").resolve()
+    assert str(path) == str(tmp_path / "ckpt")
 
-    loaded_model, loaded = load_adapters(path, wrap(), base_vars)
+    loaded_model, loaded = load_adapters(path, wrap(), base_vars, allowed_classes=[Scale])
     assert specs(loaded_model) == specs(model)
     assert loaded_model.get_enabled_adapters() == ["glob", "lora", "custom"]
     assert loaded_model.get_adapter("dec").qualified_name == "decoder:dec"
@@ -145,7 +142,7 @@ def test_round_trip_rebuilds_adapters_and_predictions(tmp_path, base_vars, x):
     np.testing.assert_array_equal(loaded_model.apply(loaded, x), model.apply(variables, x))
 
     # Onto a plain Flax module: wrapped with the saved placement.
-    plain_model, plain = load_adapters(path, Net(), base_vars)
+    plain_model, plain = load_adapters(path, Net(), base_vars, allowed_classes=[Scale])
     assert plain_model.placement == model.placement and specs(plain_model) == specs(model)
     np.testing.assert_array_equal(plain_model.apply(plain, x), model.apply(variables, x))
 
@@ -200,7 +197,7 @@ def test_names_that_are_prefixes_of_others_never_mix(tmp_path, base_vars, x):
     )
     save_adapters(tmp_path / "a", model, variables, name="a")
     info = inspect_checkpoint(tmp_path / "a")
-    paths = [e["path"] for r in info.metadata["adapters"] for e in r["arrays"]]
+    paths = [e.path for e in info.metadata.arrays]
     assert paths and all(p[p.index("__adapters__") + 1] == "a" for p in paths)
     loaded_model, loaded = load_adapters(tmp_path / "a", wrap(), base_vars)
     assert loaded_model.adapter_names() == ["a"]
@@ -220,7 +217,7 @@ def test_bfloat16_and_float32_adapters_share_a_checkpoint(tmp_path, base_vars, x
     )
     variables = jadapters.merge_trees(adapters, rest)
     save_adapters(tmp_path / "mixed", model, variables)
-    assert sorted(inspect_checkpoint(tmp_path / "mixed").metadata["buffers"]) == ["bfloat16", "float32"]
+    assert sorted(b.dtype for b in inspect_checkpoint(tmp_path / "mixed").metadata.buffers) == ["bfloat16", "float32"]
     _, loaded = load_adapters(tmp_path / "mixed", wrap(), base_vars)
     assert_same_tree(split_adapters(loaded)[0], adapters)
 
@@ -232,7 +229,8 @@ def test_overwrite_replaces_a_checkpoint_and_refuses_other_directories(tmp_path,
     save_adapters(tmp_path / "a", model, v2)
     _, loaded = load_adapters(tmp_path / "a", wrap(), base_vars)
     assert_same_tree(split_adapters(loaded)[0], split_adapters(v2)[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["2"]  # the previous save is gone once this one committed
     with pytest.raises(CheckpointError, match="already exists"):
         save_adapters(tmp_path / "a", model, v1, overwrite=False)
 
@@ -313,9 +311,28 @@ def test_saving_nothing_is_an_error(tmp_path, base_vars, x):
 def test_unstorable_hyperparameters_fail_at_save(tmp_path, base_vars, x):
     model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}))
     odd = model.clone(adapters=(dataclasses.replace(model.adapters[0], strategy=Scale(1.0, (object(),))),))
-    with pytest.raises(CheckpointError, match="cannot be stored as JSON"):
+    with pytest.raises(CheckpointError, match=r"adapter .a.: spec\.strategy\.axes has the value .*no JSON form"):
         save_adapters(tmp_path / "odd", odd, variables)
     assert list(tmp_path.iterdir()) == []
+
+
+def step_dir(path):
+    """The one committed step directory of a checkpoint."""
+    (step,) = [p for p in Path(path).iterdir() if p.name.isdigit()]
+    return step
+
+
+def data_file(path):
+    """The largest file of a checkpoint: its packed float32 buffer."""
+    files = [p for p in step_dir(path).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def edit_metadata(path, change):
+    meta_file = step_dir(path) / "_CHECKPOINT_METADATA"
+    meta = json.loads(meta_file.read_text())
+    change(meta["custom_metadata"])
+    meta_file.write_text(json.dumps(meta))
 
 
 def test_missing_truncated_and_corrupted_checkpoints(tmp_path, base_vars, x):
@@ -325,137 +342,170 @@ def test_missing_truncated_and_corrupted_checkpoints(tmp_path, base_vars, x):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_adapters(tmp_path / "file", wrap(), base_vars)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="not a jadapters checkpoint"):
+        load_adapters(tmp_path / "plain", wrap(), base_vars)
 
     def fresh(name):
         path = save_adapters(tmp_path / name, model, variables)
-        return path, path / "float32.npy"
+        return path, data_file(path)
 
     path, data = fresh("truncated")
     data.write_bytes(data.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated|corrupted"):
+    with pytest.raises(CheckpointError, match="incomplete or corrupted|truncated|CRC32"):
         load_adapters(path, wrap(), base_vars)
 
-    path, data = fresh("flipped")
-    raw = bytearray(data.read_bytes())
-    raw[-5] ^= 0xFF
-    data.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="CRC32"):
+    path, _ = fresh("flipped")
+    edit_metadata(path, lambda m: m["buffers"][0].update(crc32=m["buffers"][0]["crc32"] ^ 1))
+    with pytest.raises(CheckpointError, match="fails its CRC32 check"):
         load_adapters(path, wrap(), base_vars)
 
     path, data = fresh("gone")
     data.unlink()
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="incomplete or corrupted"):
         load_adapters(path, wrap(), base_vars)
 
     path, _ = fresh("bad_metadata")
-    (path / "_CHECKPOINT_METADATA").write_text("{not json")
+    (step_dir(path) / "_CHECKPOINT_METADATA").write_text("{not json")
     with pytest.raises(CheckpointError):
         load_adapters(path, wrap(), base_vars)
 
     path, _ = fresh("not_ours")
-    meta = json.loads((path / "_CHECKPOINT_METADATA").read_text())
-    meta["custom_metadata"]["format"] = "something else"
-    (path / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    edit_metadata(path, lambda m: m.update(format="something else"))
     with pytest.raises(CheckpointError, match="not a jadapters checkpoint"):
         load_adapters(path, wrap(), base_vars)
+    with pytest.raises(CheckpointError, match="not a jadapters checkpoint; refusing to replace it"):
+        save_adapters(path, model, variables)
 
     path, _ = fresh("newer")
-    meta = json.loads((path / "_CHECKPOINT_METADATA").read_text())
-    meta["custom_metadata"]["format_version"] = 99
-    (path / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    edit_metadata(path, lambda m: m.update(format_version=99))
     with pytest.raises(CheckpointError, match="newer jadapters"):
         load_adapters(path, wrap(), base_vars)
+
+    path, _ = fresh("older")
+    edit_metadata(path, lambda m: m.update(format_version=1))
+    with pytest.raises(CheckpointError, match="is in format 1, written by jadapters .*load it with that version and save it again"):
+        load_adapters(path, wrap(), base_vars)
+
+    path, _ = fresh("missing_field")
+    edit_metadata(path, lambda m: m["adapters"][0].pop("targets"))
+    with pytest.raises(CheckpointError, match=r"malformed metadata: field 'adapters\[0\]\.targets' is missing"):
+        load_adapters(path, wrap(), base_vars)
+    with pytest.raises(CheckpointError, match="malformed"):
+        inspect_checkpoint(path)
 
     model_path = save_model(tmp_path / "model", model, variables)
     with pytest.raises(CheckpointError, match="read it with load_model"):
         load_adapters(model_path, wrap(), base_vars)
 
 
+def test_unknown_path_schemes_are_errors_never_local_writes(tmp_path, base_vars, x, monkeypatch):
+    model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}))
+    monkeypatch.chdir(tmp_path)
+    for path in ("ftp://host/ckpt", "memory://ckpt", "hdfs://cluster/ckpt"):
+        with pytest.raises(CheckpointError, match=r"the scheme '\w+://' is not supported; use a local path, gs://"):
+            save_adapters(path, model, variables)
+        with pytest.raises(CheckpointError, match="is not supported"):
+            load_adapters(path, wrap(), base_vars)
+        with pytest.raises(CheckpointError, match="is not supported"):
+            jadapters.adapter_checkpoint_manager(path)
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
+    # file:// is a local path.
+    saved = save_adapters(f"file://{tmp_path}/local", model, variables)
+    assert str(saved) == str(tmp_path / "local") and load_adapters(saved, wrap(), base_vars)[0].adapter_names() == ["a"]
+    # A missing client library names the extra to install.
+    real = io.importlib.util.find_spec
+    monkeypatch.setattr(io.importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a))
+    with pytest.raises(CheckpointError, match=r"gs:// paths need gcsfs; install it with: pip install 'jadapters\[gcs\]'"):
+        save_adapters("gs://bucket/ckpt", model, variables)
+
+
+def test_only_registered_or_allowed_classes_are_rebuilt(tmp_path, base_vars, x):
+    """A checkpoint names classes; loading never imports what the caller did not allow."""
+    model, variables = build(base_vars, x, ("a", LinearAdapter(2), {"strategy": Scale(2.0)}))
+    path = save_adapters(tmp_path / "a", model, variables)
+    target = wrap()
+    with pytest.raises(UnknownAdapterError, match=r"adapter 'a'.*names the class 'test_checkpoint\.Scale'.*allowed_classes"):
+        load_adapters(path, target, base_vars)
+    assert target.adapters == ()
+    loaded_model, _ = load_adapters(path, target, base_vars, allowed_classes=[Scale])
+    assert loaded_model.get_adapter("a").strategy == Scale(2.0)
+
+    # A stranger's checkpoint naming an importable module: nothing is imported.
+    edit_metadata(path, lambda m: m["adapters"][0]["spec"]["fields"]["strategy"].update(__object__="os.system"))
+    with pytest.raises(UnknownAdapterError, match="names the class 'os.system'"):
+        load_adapters(path, wrap(), base_vars, allowed_classes=[Scale])
+    with pytest.raises(AdapterError, match="allowed_classes must hold classes"):
+        load_adapters(path, wrap(), base_vars, allowed_classes=["os.system"])
+
+
+def test_new_spec_and_adapter_fields_round_trip_generically(tmp_path, base_vars, x):
+    """Nested frozen dataclasses, dtypes, dicts, tuples and non-finite floats in an adapter's fields."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Init:
+        scale: float = 1.0
+        dims: tuple = (1, 2)
+
+    class Configured(LinearAdapter):
+        init: Init = Init()
+        table: tuple = (("a", 1.0),)
+        dtype: object = jnp.bfloat16
+        limit: float = float("inf")
+
+    model, variables = build(
+        base_vars, x, ("c", Configured(2, init=Init(0.5, (3,)), table=(("b", 2.0),), limit=float("-inf")), {})
+    )
+    path = save_adapters(tmp_path / "c", model, variables)
+    loaded_model, _ = load_adapters(path, wrap(), base_vars, allowed_classes=[Configured, Init])
+    assert specs(loaded_model) == specs(model)
+    with pytest.raises(UnknownAdapterError, match="Init"):
+        load_adapters(path, wrap(), base_vars, allowed_classes=[Configured])
+
+
+def test_adapters_with_other_collections_save_every_collection(tmp_path, base_vars, x):
+    model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}))
+    extra = jax.tree_util.tree_map(lambda a: a * 0 + 3, split_adapters(variables)[0]["params"])
+    with_stats = {**variables, "adapter_stats": extra}
+    path = save_adapters(tmp_path / "a", model, with_stats)
+    _, loaded = load_adapters(path, wrap(), base_vars)
+    assert_same_tree(split_adapters(loaded)[0], split_adapters(with_stats)[0])
+
+
 # ----------------------------------------------------------------------------- atomicity
 
 
-KILLED_SAVE = """
-import sys, time, jax, jax.numpy as jnp
-sys.path.insert(0, {tests!r})
-import test_checkpoint as t
-from jadapters.checkpoint import atomic, packing, save_adapters
-x = jax.random.normal(jax.random.key(0), (4, t.DIM))
-base = t.Net().init(jax.random.key(1), x)
-model, variables = t.build(base, x, ("a", t.LinearAdapter(2), {{}}), seed=2)
-original = getattr(atomic, {hook!r}) if {hook!r} != "PackedArraysHandler._write" else packing.PackedArraysHandler._write
-
-def stall(*args, **kwargs):
-    {before}
-    print("STALLING", flush=True)
-    time.sleep(60)
-
-if {hook!r} == "PackedArraysHandler._write":
-    packing.PackedArraysHandler._write = stall
-else:
-    setattr(atomic, {hook!r}, stall)
-save_adapters({path!r}, model, variables)
-"""
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_50_saves_never_corrupts(tmp_path):
+    """Orbax's commit protocol: a killed save leaves the previous checkpoint; the next save cleans up."""
+    kill_trials.run(str(tmp_path / "ckpt"), 50, seed=0, max_delay=0.15, env=dict(os.environ))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-@pytest.mark.parametrize(
-    "hook, before",
-    [
-        ("PackedArraysHandler._write", "original(*args, **kwargs)  # half way: data written, not committed"),
-        ("_move_into_place", "pass  # the new checkpoint is complete, not yet in place"),
-    ],
-)
-def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, base_vars, x, hook, before):
-    model, old = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=1)
-    path = save_adapters(tmp_path / "a", model, old)
-    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), hook=hook, before=before, path=str(path))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline, line = time.time() + 120, ""
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            while time.time() < deadline and "STALLING" not in line:
-                if selector.select(timeout=1.0):
-                    line = proc.stdout.readline()
-                if proc.poll() is not None:
-                    pytest.fail(f"the saving process ended early: {proc.stderr.read()}")
-        assert "STALLING" in line, "the saving process never reached the point where it is killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert any(p.name.startswith(".a.jadapters-staging") for p in tmp_path.iterdir())  # the interrupted attempt
-    _, loaded = load_adapters(path, wrap(), base_vars)
-    assert_same_tree(split_adapters(loaded)[0], split_adapters(old)[0])
-    # The next save cleans up what the killed one left.
-    _, new = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=3)
-    save_adapters(path, model, new)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    _, loaded = load_adapters(path, wrap(), base_vars)
-    assert_same_tree(split_adapters(loaded)[0], split_adapters(new)[0])
+def test_a_killed_first_save_leaves_a_directory_the_next_save_may_use(tmp_path, base_vars, x):
+    model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}))
+    leftover = tmp_path / "a" / "1.orbax-checkpoint-tmp-1234"
+    (leftover / "arrays").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no committed orbax checkpoint"):
+        load_adapters(tmp_path / "a", wrap(), base_vars)
+    save_adapters(tmp_path / "a", model, variables)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["1"]
 
 
-def test_swap_without_exchange_keeps_a_recoverable_copy(tmp_path, base_vars, x, monkeypatch):
-    """Where renameat2 is missing, the old checkpoint is renamed aside before the new one moves in."""
-    model, old = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=1)
-    _, new = build(base_vars, x, ("a", LinearAdapter(2), {}), seed=2)
-    path = save_adapters(tmp_path / "a", model, old)
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    save_adapters(path, model, new)
-    _, loaded = load_adapters(path, wrap(), base_vars)
-    assert_same_tree(split_adapters(loaded)[0], split_adapters(new)[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    # A crash between the two renames: the message says where the previous checkpoint is.
-    aside = tmp_path / ".a.jadapters-previous-0123456789ab"
-    os.rename(path, aside)
-    with pytest.raises(CheckpointError, match="interrupted save left the previous checkpoint"):
-        load_adapters(path, wrap(), base_vars)
+def test_a_training_manager_start_removes_what_killed_saves_left(tmp_path):
+    with jadapters.adapter_checkpoint_manager(tmp_path / "runs", async_save=False) as manager:
+        jadapters.save_training_state(manager, {"w": jnp.ones(2)}, step=1)
+    (tmp_path / "runs" / "2.orbax-checkpoint-tmp-99" / "arrays").mkdir(parents=True)  # a killed save of step 2
+    with jadapters.adapter_checkpoint_manager(tmp_path / "runs", async_save=False) as manager:
+        assert manager.all_steps() == [1]
+        jadapters.save_training_state(manager, {"w": jnp.zeros(2)}, step=2)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1", "2"]
 
 
 # ----------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     dims=st.lists(st.integers(1, 12), min_size=1, max_size=3),
     norm=st.sampled_from(["pre", "post"]),
@@ -483,17 +533,17 @@ def test_save_then_load_is_the_identity(tmp_path_factory, base_vars, x, dims, no
         max_size=12,
     )
 )
-def test_pack_then_unpack_is_the_identity(arrays):
+def test_packed_arrays_read_back_exactly(arrays):
     rng = np.random.default_rng(len(arrays))
     leaves = [(rng.standard_normal(shape) * 10).astype(jnp.dtype(dtype)) for shape, dtype in arrays]
     paths = [("params", f"m{i}", ADAPTERS_KEY, "a", "w") for i in range(len(leaves))]
-    pieces, index, checksums = packing.pack_arrays(leaves, paths)
-    assert len(pieces) <= len({d for _, d in arrays})
-    buffers = {dtype: np.concatenate(p) for dtype, p in pieces.items()}
-    packing.verify_buffers(buffers, checksums, Path("."))
-    for leaf, got in zip(leaves, packing.unpack_arrays(buffers, index, Path("."))):
-        assert got.dtype == leaf.dtype and got.shape == leaf.shape
-        np.testing.assert_array_equal(got, leaf)
+    tree, entries, buffers = io.stored_tree(list(zip(paths, leaves)), pack=True)
+    assert len(buffers) <= len({d for _, d in arrays}) and "own" not in tree
+    metadata = Metadata("adapters", "0", arrays=entries, buffers=buffers)
+    got = io.read_arrays(lambda args: {"arrays": tree}, metadata, entries, [None] * len(entries), "here")
+    for leaf, array in zip(leaves, got):
+        assert array.dtype == leaf.dtype and array.shape == leaf.shape
+        np.testing.assert_array_equal(np.asarray(array), leaf)
 
 
 # ----------------------------------------------------------------------------- full model, inspect, training
@@ -523,9 +573,10 @@ def test_inspect_reports_types_placement_sizes_and_fingerprint(tmp_path, base_va
     assert rows["a"]["bytes"] == 4 * rows["a"]["params"]
     as_dict = json.loads(json.dumps(info.as_dict()))
     assert as_dict["base_fingerprint"]["params"]["enc_0"]["fc/kernel"] == [[DIM, DIM], "float32"]
-    assert as_dict["placement"]["modules"] == {"encoder": ["enc_*"], "decoder": ["dec_*"]}
+    assert as_dict["placement"]["modules"] == [["encoder", ["enc_*"]], ["decoder", ["dec_*"]]]
+    assert {"rank": 2, "alpha": 8.0, "dropout": 0.0}.items() <= as_dict["adapters"][1]["hyperparameters"].items()
     text = str(info)
-    assert "LinearAdapter" in text and "decoder:dec_*" in text and info.metadata["base_fingerprint"]["digest"] in text
+    assert "LinearAdapter" in text and "decoder:dec_*" in text and info.metadata.fingerprint.digest in text
 
 
 def test_periodic_training_checkpoints_resume(tmp_path, base_vars, x):
@@ -563,7 +614,7 @@ def test_periodic_training_checkpoints_resume(tmp_path, base_vars, x):
         with pytest.raises(CheckpointError, match=r"saved with shape"):
             jadapters.restore_training_state(manager, wrong)
     info = inspect_checkpoint(tmp_path / "runs")
-    assert info.kind == "training_state" and info.metadata["step"] == 6
+    assert info.kind == "training_state" and info.metadata.step == 6
     assert info.adapters[0]["params"] == 2 * (2 * DIM + 2 * DIM * 2)
     with jadapters.adapter_checkpoint_manager(tmp_path / "empty") as manager:
         with pytest.raises(CheckpointError, match="no training checkpoint"):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from jadapters import cli
+from jadapters import cli, inspect_checkpoint
 
 DEMO_STEPS = 12
 
@@ -41,8 +41,8 @@ def test_demo_runs_and_writes_its_table_png_and_checkpoints(demo_run):
         assert expected in output, expected
     png = out / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "adapters" / "_CHECKPOINT_METADATA").exists()
-    assert (out / "full_model" / "_CHECKPOINT_METADATA").exists()
+    assert inspect_checkpoint(out / "adapters").kind == "adapters"
+    assert inspect_checkpoint(out / "full_model").kind == "model"
     trained_share = [line for line in output.splitlines() if line.startswith("+ LinearAdapter")][0]
     assert float(trained_share.split("(")[-1].split("%")[0]) < 5.0  # share of params trained
 
@@ -100,3 +100,25 @@ def test_the_console_script_fails_cleanly_on_a_bad_path(tmp_path):
     proc = subprocess.run(command + ["inspect", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "jadapters: error: no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_names_a_missing_metadata_field_and_an_unknown_scheme(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+
+    import jadapters
+
+    x = jnp.ones((1, 4))
+    model = jadapters.with_adapters(nn.Dense(4), {"d": ""}).add_adapter("a", jadapters.LinearAdapter(2))
+    variables = jadapters.init_adapters(model, nn.Dense(4).init(jax.random.key(0), x), jax.random.key(1), x)
+    path = jadapters.save_adapters(tmp_path / "a", model, variables)
+    (meta_file,) = [p for p in (tmp_path / "a").rglob("_CHECKPOINT_METADATA")]
+    meta = json.loads(meta_file.read_text())
+    del meta["custom_metadata"]["adapters"][0]["num_params"]
+    meta_file.write_text(json.dumps(meta))
+    assert cli.main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "malformed metadata: field 'adapters[0].num_params' is missing" in err and "Traceback" not in err
+    assert cli.main(["inspect", "ftp://host/ckpt"]) == 1
+    assert "the scheme 'ftp://' is not supported" in capsys.readouterr().err
