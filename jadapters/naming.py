@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable, Union
+from typing import Iterable, Sequence, Union
 
-from jadapters.errors import AdapterError
+from jadapters.errors import AdapterError, UnknownAdapterError
 
 Target = Union[str, "re.Pattern[str]"]
 
@@ -152,3 +152,54 @@ def path_matches(path: str, target: str) -> bool:
     if is_plain(target):
         return path == target or (bool(target) and path.endswith("/" + target))
     return _compile(target).fullmatch(path) is not None
+
+
+def qualified_name(modules: Sequence[str], bare: str) -> str:
+    """``'a+b:name'`` for an adapter added to modules ``a`` and ``b``; the bare name for a global one.
+
+    Example:
+        >>> qualified_name(("encoder", "decoder"), "x"), qualified_name((), "x")
+        ('encoder+decoder:x', 'x')
+    """
+    return f"{MODULE_JOINER.join(modules)}{MODULE_SEPARATOR}{bare}" if modules else bare
+
+
+def select_names(
+    requested: str | Sequence[str] | None,
+    available: Sequence[tuple[Sequence[str], str]],
+    where: str,
+    listed: Sequence[str] | None = None,
+) -> list[str]:
+    """The bare names that ``requested`` selects among ``available`` ``(modules, bare name)`` pairs.
+
+    ``None`` selects all; a name is bare or ``'module:name'``, whose module
+    part must name modules the adapter is on. The result keeps ``available``'s
+    order. An empty selection or an unknown name is an error that lists what
+    ``where`` has (``listed``, by default the qualified names).
+
+    Example:
+        >>> available = [((), "a"), (("decoder",), "b")]
+        >>> select_names("decoder:b", available, "the model")
+        ['b']
+        >>> select_names(["b", "a"], available, "the model")
+        ['a', 'b']
+        >>> select_names("encoder:b", available, "the model")
+        Traceback (most recent call last):
+        ...
+        jadapters.errors.UnknownAdapterError: no adapter named 'encoder:b'; the model has ['a', 'decoder:b']
+    """
+    known = [bare for _, bare in available]
+    listed = list(listed) if listed is not None else [qualified_name(modules, bare) for modules, bare in available]
+    if requested is None:
+        return known
+    wanted = [requested] if isinstance(requested, str) else list(requested)
+    if not wanted:
+        raise AdapterError(f"no adapter selected (name={requested!r}); {where} has {listed}")
+    modules_of = {bare: tuple(modules) for modules, bare in available}
+    chosen = set()
+    for name in wanted:
+        modules, bare = split_adapter_name(name)
+        if bare not in modules_of or not set(modules) <= set(modules_of[bare]):
+            raise UnknownAdapterError(f"no adapter named {name!r}; {where} has {listed}")
+        chosen.add(bare)
+    return [bare for bare in known if bare in chosen]

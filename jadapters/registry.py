@@ -108,6 +108,51 @@ def get_registered_adapter(key: str | type) -> RegisteredAdapter | None:
     return next((e for e in _REGISTRY.values() if e.class_path == key), None)
 
 
+_STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(strategy_class: T | None = None, *, name: str | None = None) -> T | Callable[[T], T]:
+    """Registers a :class:`jadapters.Strategy` subclass under ``name`` (default: the class name).
+
+    Checkpoints rebuild only registered classes (or those the caller allows),
+    so a strategy of your own must be registered to be loaded back.
+
+    Example:
+        >>> import dataclasses, jadapters
+        >>> @register_strategy(name="doc_double")
+        ... @dataclasses.dataclass(frozen=True)
+        ... class Double(jadapters.Strategy):
+        ...     def __call__(self, adapter, value, ctx):
+        ...         return 2 * value
+        >>> get_registered_class("doc_double") is Double
+        True
+    """
+
+    def register(cls: T) -> T:
+        key = name or cls.__name__
+        if key in _STRATEGIES and _STRATEGIES[key] is not cls:
+            raise AdapterError(f"strategy {key!r} is already registered (as {class_path(_STRATEGIES[key])})")
+        _STRATEGIES[key] = cls
+        return cls
+
+    return register if strategy_class is None else register(strategy_class)
+
+
+def get_registered_class(key: str) -> type | None:
+    """A registered adapter or strategy class, by registry name or class path; None if absent.
+
+    Example:
+        >>> get_registered_class("ResidualAdd").__name__, get_registered_class("no.such.Class")
+        ('ResidualAdd', None)
+    """
+    entry = get_registered_adapter(key)
+    if entry is not None:
+        return entry.adapter_class
+    if key in _STRATEGIES:
+        return _STRATEGIES[key]
+    return next((c for c in _STRATEGIES.values() if class_path(c) == key), None)
+
+
 def registered_name(cls: type) -> str:
     """The registry name of a class, or its class path when it is not registered.
 
@@ -116,7 +161,9 @@ def registered_name(cls: type) -> str:
         'builtins.dict'
     """
     entry = get_registered_adapter(cls)
-    return entry.name if entry else class_path(cls)
+    if entry is not None:
+        return entry.name
+    return next((n for n, c in _STRATEGIES.items() if c is cls), class_path(cls))
 
 
 def resolve_class(key: str) -> type:

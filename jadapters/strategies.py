@@ -37,6 +37,7 @@ from jadapters.checks import check_probability
 from jadapters.context import AdapterContext
 from jadapters.errors import AdapterError
 from jadapters.layers import describe_layer
+from jadapters.registry import register_strategy
 
 AdapterFn = Callable[..., Any]
 
@@ -117,6 +118,7 @@ def require_array(value: Any, ctx: AdapterContext, strategy: Strategy) -> None:
         )
 
 
+@register_strategy
 @dataclasses.dataclass(frozen=True)
 class ReturnResult(Strategy):
     """``value -> adapter(value)``: the adapter's result replaces the value.
@@ -136,6 +138,7 @@ class ReturnResult(Strategy):
         return jax.tree_util.tree_map(lambda r, v: jnp.asarray(r).astype(jnp.result_type(v)), result, value)
 
 
+@register_strategy
 @dataclasses.dataclass(frozen=True)
 class ResidualAdd(Strategy):
     """``value -> value + adapter(value)``, NeMo's residual strategy.
@@ -202,6 +205,7 @@ class ResidualAdd(Strategy):
         return residual + out.astype(residual.dtype)
 
 
+@register_strategy
 @dataclasses.dataclass(frozen=True)
 class ParallelAdd(ResidualAdd):
     """``output -> output + adapter(module input)``: the adapter runs beside the module.
@@ -229,6 +233,7 @@ class ParallelAdd(ResidualAdd):
         return adapter(x)
 
 
+@register_strategy
 @dataclasses.dataclass(frozen=True)
 class MHAResidualAdd(ResidualAdd):
     """NeMo's attention-adapter strategy: ``value + mha(value, value, value, mask)``.

@@ -23,7 +23,7 @@ import numpy as np
 
 from jadapters.context import LOSS_COLLECTION, AdapterContext
 from jadapters.errors import AdapterError, UnknownAdapterError
-from jadapters.naming import Target, normalize_targets, path_matches, split_adapter_name
+from jadapters.naming import Target, normalize_targets, path_matches, qualified_name, select_names, split_adapter_name
 from jadapters.presets import Preset, get_preset
 from jadapters.strategies import ResidualAdd, Strategy, check_like
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
@@ -54,7 +54,7 @@ class AdapterSpec:
     @property
     def qualified_name(self) -> str:
         """``'module:name'`` as it was added (the bare name for a global adapter)."""
-        return f"{'+'.join(self.modules)}:{self.name}" if self.modules else self.name
+        return qualified_name(self.modules, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,37 +206,52 @@ class AdaptedModule(nn.Module):
             ['a1']
         """
         modules, bare = split_adapter_name(name)
-        existing = self._find(bare)
-        if existing is not None:
-            raise AdapterError(
-                f"adapter {bare!r} already exists (added as {existing.qualified_name!r}, at "
-                f"{list(existing.targets)}); adapter names are unique model-wide"
-            )
+        self._check_new_name(bare)
         where = self._resolve_targets(name, modules, targets)
-        if not isinstance(adapter, nn.Module):
+        if strategy is None and isinstance(adapter, nn.Module):
+            strategy = adapter.default_strategy() if hasattr(adapter, "default_strategy") else ResidualAdd()
+        return self.add_spec(AdapterSpec(bare, modules, where, adapter, strategy, bool(enabled)))
+
+    @nn.nowrap
+    def add_spec(self, spec: AdapterSpec) -> "AdaptedModule":
+        """Returns a new module with ``spec`` appended, after the checks of :meth:`add_adapter`.
+
+        This is the form in which checkpoints rebuild adapters: the spec keeps
+        its saved targets.
+        """
+        bare, where = spec.name, list(spec.targets)
+        self._check_new_name(bare)
+        if not isinstance(spec.adapter, nn.Module):
             raise AdapterError(
-                f"adapter {bare!r} at {list(where)}: expected a flax.linen.Module "
-                f"instance (e.g. LinearAdapter(dim=8)), got {adapter!r}"
+                f"adapter {bare!r} at {where}: expected a flax.linen.Module "
+                f"instance (e.g. LinearAdapter(dim=8)), got {spec.adapter!r}"
             )
-        adapter = _detached(adapter)
-        for module_name in (modules or (self.placement.global_modules if targets is None else ())):
+        adapter = _detached(spec.adapter)
+        for module_name in self._modules_of(spec):
             accepted = self.placement.accepted(module_name)
             if accepted is not None and not isinstance(adapter, accepted):
                 raise AdapterError(
                     f"adapter {bare!r}: module {module_name!r} accepts only "
                     f"{[t.__name__ for t in accepted]} (or subclasses), got {type(adapter).__name__}"
                 )
-        if strategy is None:
-            strategy = adapter.default_strategy() if hasattr(adapter, "default_strategy") else ResidualAdd()
+        strategy = spec.strategy
         if not isinstance(strategy, Strategy):
             raise AdapterError(f"adapter {bare!r}: strategy must be a jadapters.Strategy, got {strategy!r}")
         try:
             strategy.validate()
             hash(strategy)
         except (ValueError, TypeError) as e:
-            raise AdapterError(f"adapter {bare!r} at {list(where)}: invalid strategy {strategy!r}: {e}") from None
-        spec = AdapterSpec(bare, modules, where, adapter, strategy, bool(enabled))
-        return self.clone(adapters=self.adapters + (spec,))
+            raise AdapterError(f"adapter {bare!r} at {where}: invalid strategy {strategy!r}: {e}") from None
+        return self.clone(adapters=self.adapters + (dataclasses.replace(spec, adapter=adapter),))
+
+    @nn.nowrap
+    def _check_new_name(self, bare: str) -> None:
+        existing = self._find(bare)
+        if existing is not None:
+            raise AdapterError(
+                f"adapter {bare!r} already exists (added as {existing.qualified_name!r}, at "
+                f"{list(existing.targets)}); adapter names are unique model-wide"
+            )
 
     @nn.nowrap
     def set_enabled_adapters(self, name: str | Sequence[str] | None = None, enabled: bool = True) -> "AdaptedModule":
@@ -289,16 +304,16 @@ class AdaptedModule(nn.Module):
 
     @nn.nowrap
     def _resolve_names(self, name: str | Sequence[str] | None) -> set[str]:
-        if name is None:
-            return {s.name for s in self.adapters}
-        names = [name] if isinstance(name, str) else list(name)
-        resolved = set()
-        for n in names:
-            _, bare = split_adapter_name(n)
-            if self._find(bare) is None:
-                raise UnknownAdapterError(f"no adapter named {bare!r}; the model has {self.adapter_names()}")
-            resolved.add(bare)
-        return resolved
+        available = [(self._modules_of(s), s.name) for s in self.adapters]
+        return set(select_names(name, available, "the model", listed=self.adapter_names()))
+
+    @nn.nowrap
+    def _modules_of(self, spec: AdapterSpec) -> tuple[str, ...]:
+        """The module names an adapter is on: those it was added to, or the global ones."""
+        if spec.modules:
+            return spec.modules
+        placement = self.placement
+        return placement.global_modules if spec.targets == placement.targets_of(placement.global_modules) else ()
 
     @nn.nowrap
     def _resolve_targets(self, name: str, modules: tuple[str, ...], targets) -> tuple[str, ...]:

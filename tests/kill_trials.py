@@ -88,7 +88,8 @@ def run(path: str, trials: int, seed: int, max_delay: float, env: dict) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["corrupted"] == 0, proc.stderr[-3000:]
-    assert result["ok"] + result["missing"] == trials and result["missing"] <= 1, result
+    assert result["ok"] + result["missing"] == trials and result["lost_after_commit"] == 0, result
+    assert result["ok"] >= trials // 2, result  # most trials found a committed checkpoint to check
     assert result["killed_mid_save"] >= 5, result  # the kills did land inside saves
     assert result["leftovers_after_next_save"] == [] and result["entries_after_next_save"] == 1, result
     return result
@@ -152,6 +153,8 @@ def main(path: str, trials: int, seed: int, max_delay: float) -> None:
         "trials": trials,
         "ok": results.count(OK),
         "missing": results.count(MISSING),
+        # A checkpoint may be missing only until the first save completes; never once one existed.
+        "lost_after_commit": sum(code == MISSING for code in results[results.index(OK):]) if OK in results else 0,
         "corrupted": len(results) - results.count(OK) - results.count(MISSING),
         "killed_mid_save": killed_mid_save,
         "leftovers_after_next_save": final["after"],

@@ -99,7 +99,7 @@ def test_linear_adapter_default_strategy_is_residual_add():
     assert LoRA(rank=2).default_strategy() == ParallelAdd()
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
     batch=st.integers(1, 4),
     seq=st.integers(0, 3),

@@ -262,7 +262,7 @@ def test_loading_an_existing_name_fails_before_anything_changes(tmp_path, base_v
 def test_unknown_name_lists_what_the_file_holds(tmp_path, base_vars, x):
     model, variables = build(base_vars, x, ("a", LinearAdapter(2), {}), ("decoder:b", LinearAdapter(2), {}))
     save_adapters(tmp_path / "ab", model, variables)
-    with pytest.raises(UnknownAdapterError, match=r"no adapter 'zzz'.*\['a', 'decoder:b'\]") as info:
+    with pytest.raises(UnknownAdapterError, match=r"no adapter named 'zzz'.*\['a', 'decoder:b'\]") as info:
         load_adapters(tmp_path / "ab", wrap(), base_vars, name=["a", "zzz"])
     assert isinstance(info.value, KeyError)
     with pytest.raises(UnknownAdapterError, match="encoder:b"):

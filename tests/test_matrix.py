@@ -11,7 +11,8 @@ For each (family, method) pair the model gets two adapters of the method,
   batch statistics and the disabled adapter stay bitwise equal;
 * save -> load onto fresh base params gives identical outputs;
 * switching the enabled mask never serves a stale compiled trace;
-* a bfloat16 base works (identity at init, a finite training step).
+* a bfloat16 base works: float32 adapters on it, identity at init, the base's
+  output dtype, a finite and visible effect once moved off init.
 
 Adapter weights are moved off their (zero) init wherever a zero adapter
 would make a check pass vacuously.
@@ -269,8 +270,4 @@ def test_a_bfloat16_base(case):
     variables = perturbed(initial)
     out = primary_output(case.out(case.adapted, variables, inputs))
     assert out.dtype == primary_output(base_out).dtype and bool(jnp.isfinite(out.astype(jnp.float32)).all())
-    step = jadapters.make_train_step(
-        case.plain, task_loss, optax.adam(1e-2), inputs=lambda batch: batch, model_kwargs=family.train_kwargs
-    )
-    state, metrics = step(step.init(variables, jax.random.key(5)), inputs)
-    assert np.isfinite(float(metrics["loss"]))
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - primary_output(base_out).astype(jnp.float32)))) > 1e-2

@@ -41,8 +41,8 @@ from jadapters.checkpoint.format import (
 )
 from jadapters.checkpoint.io import PathLike, Shardings
 from jadapters.errors import AdapterError, UnknownAdapterError
-from jadapters.naming import split_adapter_name
-from jadapters.registry import class_path, get_registered_adapter, import_by_path, registered_name
+from jadapters.naming import select_names
+from jadapters.registry import class_path, get_registered_class, import_by_path, registered_name
 from jadapters.strategies import Strategy
 from jadapters.table import format_table
 from jadapters.transform import AdaptedModule, AdapterSpec, Placement, with_adapters
@@ -572,33 +572,13 @@ def _require_adapted(adapted: Any, what: str) -> AdaptedModule:
 def _names_to_save(adapted: AdaptedModule, name: str | Sequence[str] | None) -> list[str]:
     if not adapted.adapters:
         raise AdapterError("save_adapters: the model has no adapters to save; add one with add_adapter")
-    if name is None:
-        return adapted.adapter_names()
-    requested = [name] if isinstance(name, str) else list(name)
-    if not requested:
-        raise AdapterError(f"save_adapters: no adapter selected (name={name!r}); the model has {adapted.adapter_names()}")
-    chosen = {adapted.get_adapter(n).name for n in requested}  # the model's own name resolution
-    return [n for n in adapted.adapter_names() if n in chosen]
+    return sorted(adapted._resolve_names(name), key=adapted.adapter_names().index)
 
 
 def _select_records(records: Sequence[AdapterRecord], name: str | Sequence[str] | None, where) -> list[AdapterRecord]:
-    if name is None:
-        if not records:
-            raise CheckpointError(f"checkpoint {where} holds no adapters")
-        return list(records)
-    requested = [name] if isinstance(name, str) else list(name)
-    if not requested:
-        raise AdapterError(f"load_adapters: no adapter selected (name={name!r})")
-    by_name = {r.name: r for r in records}
-    chosen = set()
-    for n in requested:
-        modules, bare = split_adapter_name(n)
-        record = by_name.get(bare)
-        if record is None or (modules and tuple(modules) != record.modules):
-            raise UnknownAdapterError(
-                f"no adapter {n!r} in checkpoint {where}; it holds {[r.qualified_name for r in records]}"
-            )
-        chosen.add(bare)
+    if name is None and not records:
+        raise CheckpointError(f"checkpoint {where} holds no adapters")
+    chosen = select_names(name, [(r.modules, r.name) for r in records], f"checkpoint {where}")
     return [r for r in records if r.name in chosen]
 
 
@@ -649,19 +629,13 @@ def _decode(value: Any, resolve, where: str) -> Any:
 
 
 def _add_specs(adapted: AdaptedModule, specs: Sequence[AdapterSpec], where) -> AdaptedModule:
-    """``adapted`` with ``specs`` added, each checked by the model's own ``add_adapter`` first."""
-    declared = dict(adapted.placement.modules)
+    """``adapted`` with ``specs`` added, each checked by the model's own ``add_spec``."""
     out = adapted
     for spec in specs:
         try:
-            if spec.modules and all(m in declared for m in spec.modules):
-                out.add_adapter(spec.qualified_name, spec.adapter, strategy=spec.strategy, enabled=spec.enabled)
-            else:
-                out.add_adapter(spec.name, spec.adapter, strategy=spec.strategy, targets=spec.targets or None,
-                                enabled=spec.enabled)
+            out = out.add_spec(spec)
         except AdapterError as e:
             raise type(e)(f"cannot add the adapter of checkpoint {where}: {e}") from None
-        out = out.clone(adapters=out.adapters + (spec,))
     return out
 
 
@@ -676,25 +650,23 @@ def _resolver(allowed_classes: Iterable[type]) -> Callable[[str], type]:
     def resolve(name: str) -> type:
         if name in allowed:
             return allowed[name]
-        entry = get_registered_adapter(name)
-        if entry is not None:
-            return entry.adapter_class
-        own = _jadapters_class(name)
+        registered = get_registered_class(name)
+        if registered is not None:
+            return registered
+        own = _jadapters_dataclass(name)
         if own is not None:
             return own
         raise UnknownAdapterError(
-            f"it names the class {name!r}, which is neither a registered adapter nor one of jadapters' own "
-            f"classes; if you trust this checkpoint, register the class with jadapters.register_adapter or "
-            f"pass allowed_classes=[...]"
+            f"it names the class {name!r}, which is neither a registered adapter or strategy nor one of "
+            f"jadapters' own classes; if you trust this checkpoint, register the class with "
+            f"jadapters.register_adapter (or register_strategy) or pass allowed_classes=[...]"
         )
 
     return resolve
 
 
-def _jadapters_class(name: str) -> type | None:
-    """A strategy or dataclass defined in the jadapters package, by class path; nothing else is imported."""
-    if name in _own_strategies():
-        return _own_strategies()[name]
+def _jadapters_dataclass(name: str) -> type | None:
+    """A plain dataclass of the jadapters package (AdapterSpec, Placement, ...), by class path; nothing else is imported."""
     if not name.startswith("jadapters."):
         return None
     try:
@@ -702,19 +674,7 @@ def _jadapters_class(name: str) -> type | None:
     except ImportError:
         return None
     ok = isinstance(obj, type) and obj.__module__.startswith("jadapters.") and dataclasses.is_dataclass(obj)
-    return obj if ok and not issubclass(obj, nn.Module) else None
-
-
-def _own_strategies() -> dict[str, type]:
-    """jadapters' own :class:`Strategy` subclasses by class path (until strategies have a registry)."""
-    found, stack = {}, [Strategy]
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            stack.append(sub)
-            if sub.__module__.startswith("jadapters."):
-                found[class_path(sub)] = sub
-    return found
+    return obj if ok and not issubclass(obj, (nn.Module, Strategy)) else None
 
 
 def _replicated_over_base_mesh(variables: Variables):
