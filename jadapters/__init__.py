@@ -1,4 +1,4 @@
-"""jadapters: NeMo-style adapters for any Flax model.
+"""jadapters: adapters for any Flax model, NeMo's semantics, AdapterHub's and PEFT's methods.
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -16,7 +16,6 @@ Example:
 from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
 from jadapters.checkpoint import (
     CheckpointError,
-    CheckpointInfo,
     adapter_checkpoint_manager,
     inspect_checkpoint,
     load_adapters,
@@ -27,68 +26,63 @@ from jadapters.checkpoint import (
     save_training_state,
 )
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
+from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
-from jadapters.registry import RegisteredAdapter, get_registered_adapter, register_adapter
+from jadapters.presets import Preset
+from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
-from jadapters.summary import AdapterSummary, adapter_summary
-from jadapters.training import (
-    TrainState,
-    TrainStep,
-    adapter_optimizer,
-    combine,
-    fit,
-    make_train_step,
-    optimizer_labels,
-    partition,
-)
+from jadapters.summary import adapter_summary
+from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
-from jadapters.tree import ADAPTERS_KEY, count_parameters, merge_trees, split_adapters
+from jadapters.tree import count_parameters, merge_trees, split_adapters
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ADAPTERS_KEY",
-    "LOSS_COLLECTION",
+    # placing adapters
+    "with_adapters",
+    "init_adapters",
     "AdaptedModule",
-    "AdapterContext",
-    "AdapterError",
     "AdapterSpec",
-    "AdapterSummary",
-    "CheckpointError",
-    "CheckpointInfo",
+    "Preset",
+    "list_modules",
+    "adapter_summary",
+    # adapters and strategies
     "LinearAdapter",
     "LoRA",
-    "MHAResidualAdd",
     "MultiHeadAttentionAdapter",
-    "ParallelAdd",
-    "RegisteredAdapter",
+    "Strategy",
+    "AdapterContext",
     "ResidualAdd",
     "ReturnResult",
-    "Strategy",
-    "TrainState",
-    "TrainStep",
-    "UnknownAdapterError",
-    "adapter_checkpoint_manager",
-    "adapter_optimizer",
-    "adapter_summary",
-    "combine",
-    "count_parameters",
-    "fit",
-    "get_registered_adapter",
-    "init_adapters",
-    "inspect_checkpoint",
-    "load_adapters",
-    "load_model",
-    "make_train_step",
-    "merge_trees",
-    "optimizer_labels",
-    "partition",
+    "ParallelAdd",
+    "MHAResidualAdd",
     "register_adapter",
-    "restore_training_state",
-    "save_adapters",
-    "save_model",
-    "save_training_state",
-    "split_adapters",
+    "register_strategy",
+    # training
+    "make_train_step",
+    "fit",
+    "TrainState",
+    "partition",
+    "combine",
+    "adapter_optimizer",
     "sum_adapter_losses",
-    "with_adapters",
+    "LOSS_COLLECTION",
+    # trees
+    "split_adapters",
+    "merge_trees",
+    "count_parameters",
+    # checkpoints
+    "save_adapters",
+    "load_adapters",
+    "save_model",
+    "load_model",
+    "adapter_checkpoint_manager",
+    "save_training_state",
+    "restore_training_state",
+    "inspect_checkpoint",
+    # errors
+    "AdapterError",
+    "UnknownAdapterError",
+    "CheckpointError",
 ]

@@ -3,7 +3,8 @@
 import flax.linen as nn
 import pytest
 
-from jadapters import LinearAdapter, MultiHeadAttentionAdapter, get_registered_adapter, register_adapter
+from jadapters import LinearAdapter, MultiHeadAttentionAdapter, register_adapter
+from jadapters.registry import get_registered_adapter
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.registry import registered_name, resolve_class
 
