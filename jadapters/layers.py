@@ -35,6 +35,7 @@ class LayerInfo:
         in_shape: the contracted input feature shape (``(num_embeddings,)`` for Embed).
         out_shape: the trailing output feature shape.
         module: the intercepted module (for a Conv: its window, strides, padding).
+        path: the intercepted module's path (for per-path settings such as PEFT's rank_pattern).
     """
 
     kind: str
@@ -42,6 +43,7 @@ class LayerInfo:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     module: Any = dataclasses.field(default=None, compare=False, repr=False)
+    path: str = ""
 
     @property
     def in_features(self) -> int:
@@ -85,27 +87,27 @@ def describe_layer(ctx: Any, x: Any, value: Any) -> LayerInfo:
         >>> from jadapters.context import AdapterContext
         >>> ctx = AdapterContext("lora", "q", False, (), {}, module=nn.DenseGeneral((2, 3)))
         >>> describe_layer(ctx, jnp.ones((1, 5, 8)), jnp.ones((1, 5, 2, 3)))
-        LayerInfo(kind='dense', in_axes=(-1,), in_shape=(8,), out_shape=(2, 3))
+        LayerInfo(kind='dense', in_axes=(-1,), in_shape=(8,), out_shape=(2, 3), path='q')
     """
     module = ctx.module
     if isinstance(module, nn.Embed):
-        return LayerInfo(EMBED, (), (module.num_embeddings,), (module.features,), module)
+        return LayerInfo(EMBED, (), (module.num_embeddings,), (module.features,), module, ctx.path)
     if not hasattr(x, "shape") or not hasattr(value, "shape"):
         raise AdapterError(
             f"{ctx.where()}: a linear adapter needs one array in and one out, got {type(x).__name__} -> "
             f"{type(value).__name__} from {type(module).__name__}"
         )
     if isinstance(module, nn.Conv):
-        return LayerInfo(CONV, (-1,), (x.shape[-1],), (value.shape[-1],), module)
+        return LayerInfo(CONV, (-1,), (x.shape[-1],), (value.shape[-1],), module, ctx.path)
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             raise AdapterError(f"{ctx.where()}: DenseGeneral with batch_dims is not supported by linear adapters")
         axes = _normalise_axes(module.axis, x.ndim)
         features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
-        return LayerInfo(DENSE, axes, tuple(x.shape[a] for a in axes), features, module)
+        return LayerInfo(DENSE, axes, tuple(x.shape[a] for a in axes), features, module, ctx.path)
     if isinstance(module, nn.Dense) or x.shape[:-1] == value.shape[:-1]:
         # Dense, and any layer mapping (..., in) -> (..., out), such as GPT-2's Conv1D.
-        return LayerInfo(DENSE, (-1,), (x.shape[-1],), (value.shape[-1],), module)
+        return LayerInfo(DENSE, (-1,), (x.shape[-1],), (value.shape[-1],), module, ctx.path)
     raise AdapterError(
         f"{ctx.where()}: cannot tell how {type(module).__name__} maps its input {tuple(x.shape)} to its output "
         f"{tuple(value.shape)}; linear adapters support Dense, DenseGeneral, Conv, Embed and layers that map "

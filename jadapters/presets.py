@@ -15,7 +15,7 @@ ship here; a family of your own is a :class:`Preset` of a few lines.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from jadapters.errors import AdapterError
 from jadapters.naming import Target, normalize_targets
@@ -37,6 +37,9 @@ class Preset:
         name: the family, e.g. ``'hf_bert'``.
         roles: ``((role, targets), ...)``; build one with :meth:`make`.
         global_roles: where bare (global) adapter names go.
+        sites: ``((name, site), ...)``: what methods that work inside a block need to know
+            beyond a module path (e.g. where a sub-block's residual and LayerNorm are, or how
+            an attention layer takes its mask); each site is a frozen dataclass.
 
     Example:
         >>> preset = Preset.make("mine", {"query": "attn/q", "ffn_output": "mlp/out"}, global_roles=["ffn_output"])
@@ -47,10 +50,16 @@ class Preset:
     name: str
     roles: tuple[tuple[str, tuple[str, ...]], ...]
     global_roles: tuple[str, ...] = ()
+    sites: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def make(
-        cls, name: str, roles: Mapping[str, Target | Iterable[Target]], *, global_roles: Iterable[str] = ()
+        cls,
+        name: str,
+        roles: Mapping[str, Target | Iterable[Target]],
+        *,
+        global_roles: Iterable[str] = (),
+        sites: Mapping[str, Any] | None = None,
     ) -> "Preset":
         """A preset from a ``{role: targets}`` mapping; unknown roles are allowed (your own names)."""
         declared = tuple((role, normalize_targets(targets)) for role, targets in roles.items())
@@ -58,7 +67,7 @@ class Preset:
         for role in global_roles:
             if role not in dict(declared):
                 raise AdapterError(f"preset {name!r}: global role {role!r} is not one of its roles {list(dict(declared))}")
-        return cls(name, declared, global_roles)
+        return cls(name, declared, global_roles, tuple((sites or {}).items()))
 
     @property
     def role_names(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jadapters.configs import MethodConfig, as_config
 from jadapters.context import LOSS_COLLECTION, AdapterContext
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import Target, normalize_targets, path_matches, qualified_name, select_names, split_adapter_name
@@ -42,6 +43,7 @@ class AdapterSpec:
         adapter: the (unbound) adapter network.
         strategy: how its result joins the value.
         enabled: whether it runs in the forward pass.
+        config: the method config it was built from (``"lora[r=4]"``, ``LoraConfig(...)``), if any.
     """
 
     name: str
@@ -50,6 +52,7 @@ class AdapterSpec:
     adapter: nn.Module
     strategy: Strategy
     enabled: bool = True
+    config: Any = None
 
     @property
     def qualified_name(self) -> str:
@@ -65,6 +68,17 @@ class Placement:
     global_modules: tuple[str, ...] = ()
     accepted_types: tuple[tuple[str, tuple[type, ...]], ...] = ()
     preset: str = ""
+    sites: tuple[tuple[str, Any], ...] = ()
+
+    def site(self, name: str, method: str) -> Any:
+        """The preset's site ``name`` (see :class:`jadapters.Preset`); a clear error if there is none."""
+        found = dict(self.sites).get(name)
+        if found is None:
+            raise AdapterError(
+                f"method {method!r} needs the site {name!r}, which this model's preset "
+                f"({self.preset or 'none'}) does not describe; it has sites {[n for n, _ in self.sites]}"
+            )
+        return found
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -184,7 +198,7 @@ class AdaptedModule(nn.Module):
     def add_adapter(
         self,
         name: str,
-        adapter: nn.Module,
+        adapter: nn.Module | MethodConfig | str,
         *,
         strategy: Strategy | None = None,
         targets: Target | Iterable[Target] | None = None,
@@ -192,25 +206,42 @@ class AdaptedModule(nn.Module):
     ) -> "AdaptedModule":
         """Returns a new module with one more adapter.
 
-        ``name`` is ``'name'`` (global: goes to the global modules),
-        ``'module:name'`` or ``'a+b:name'`` (declared module names), or a bare
-        name with explicit ``targets`` (paths, globs or regexes). The default
-        strategy is the adapter's ``default_strategy()``, else :class:`ResidualAdd`.
+        ``adapter`` is an adapter network (a Flax module), or a method: a
+        config object (``LoraConfig(r=8)``) or a registered name with
+        AdapterHub's bracket overrides (``"lora[r=8]"``, ``"seq_bn[reduction_factor=8]"``),
+        which places itself through the model's roles.
+
+        ``name`` is ``'name'`` (global: goes to the global modules, or where
+        the method places itself), ``'module:name'`` or ``'a+b:name'``
+        (declared module names), or a bare name with explicit ``targets``
+        (paths, globs or regexes). The default strategy is the method's, the
+        adapter's ``default_strategy()``, else :class:`ResidualAdd`.
 
         Example:
             >>> import flax.linen as nn
             >>> from jadapters import LinearAdapter, with_adapters
             >>> model = with_adapters(nn.Dense(4), {"dense": ""})
             >>> model = model.add_adapter("a1", LinearAdapter(dim=2))
-            >>> model.get_enabled_adapters()
-            ['a1']
+            >>> model = model.add_adapter("a2", "lora[r=2]", targets="")
+            >>> model.get_enabled_adapters(), model.get_adapter("a2").adapter.rank
+            (['a1', 'a2'], 2)
         """
         modules, bare = split_adapter_name(name)
         self._check_new_name(bare)
-        where = self._resolve_targets(name, modules, targets)
+        config = as_config(adapter) if isinstance(adapter, (str, MethodConfig)) else None
+        explicit = bool(modules) or targets is not None
+        where = self._resolve_targets(name, modules, targets) if explicit or config is None else None
+        if config is not None:
+            try:
+                placed = config.place(self.placement, where)
+            except (AdapterError, ValueError) as e:
+                raise AdapterError(f"adapter {bare!r}: {e}") from None
+            adapter, strategy = placed.adapter, strategy or placed.strategy
+            if not explicit:
+                modules, where = placed.modules, placed.targets
         if strategy is None and isinstance(adapter, nn.Module):
             strategy = adapter.default_strategy() if hasattr(adapter, "default_strategy") else ResidualAdd()
-        return self.add_spec(AdapterSpec(bare, modules, where, adapter, strategy, bool(enabled)))
+        return self.add_spec(AdapterSpec(bare, modules, where, adapter, strategy, bool(enabled), config))
 
     @nn.nowrap
     def add_spec(self, spec: AdapterSpec) -> "AdaptedModule":
@@ -494,10 +525,10 @@ def with_adapters(
     if not isinstance(model, nn.Module):
         raise AdapterError(f"with_adapters expects a flax.linen.Module, got {model!r}")
     model = _detached(model)
-    preset_name = ""
+    preset_name, sites = "", ()
     if isinstance(targets, (Preset, str)):
         preset = get_preset(targets)
-        preset_name, targets = preset.name, dict(preset.roles)
+        preset_name, targets, sites = preset.name, dict(preset.roles), preset.sites
         if global_modules is None:
             global_modules = preset.global_roles
     declared: list[tuple[str, tuple[str, ...]]] = []
@@ -516,7 +547,7 @@ def with_adapters(
             raise AdapterError(f"accepted_types names module {module_name!r}, which is not declared: {names}")
         types = (types,) if isinstance(types, type) else tuple(types)
         accepted.append((module_name, types))
-    placement = Placement(tuple(declared), chosen, tuple(accepted), preset_name)
+    placement = Placement(tuple(declared), chosen, tuple(accepted), preset_name, sites)
     return AdaptedModule(model=model, placement=placement)
 
 
