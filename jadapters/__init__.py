@@ -13,7 +13,8 @@ Example:
     ['task']
 """
 
-from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
+from jadapters.adapters import IA3, IA3Config, IA3Scale, LinearAdapter, LoRA, LoraConfig, MultiHeadAttentionAdapter, VeRA, VeraConfig
+from jadapters.adapters.lora import residual_to_lora
 from jadapters.checkpoint import (
     CheckpointError,
     adapter_checkpoint_manager,
@@ -28,6 +29,7 @@ from jadapters.checkpoint import (
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
 from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
+from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
@@ -51,12 +53,20 @@ __all__ = [
     "LinearAdapter",
     "LoRA",
     "MultiHeadAttentionAdapter",
+    "IA3",
+    "VeRA",
+    # methods by config (PEFT's field names)
+    "LoraConfig",
+    "IA3Config",
+    "VeraConfig",
+    "residual_to_lora",
     "Strategy",
     "AdapterContext",
     "ResidualAdd",
     "ReturnResult",
     "ParallelAdd",
     "MHAResidualAdd",
+    "IA3Scale",
     "register_adapter",
     "register_strategy",
     # training
@@ -68,6 +78,10 @@ __all__ = [
     "adapter_optimizer",
     "sum_adapter_losses",
     "LOSS_COLLECTION",
+    # merging
+    "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
     # trees
     "split_adapters",
     "merge_trees",

@@ -214,7 +214,9 @@ class ParallelAdd(ResidualAdd):
     (positional argument ``input_index``) and adds to its output. An adapter
     whose ``__call__`` takes a ``layer`` argument gets a
     :class:`jadapters.layers.LayerInfo` describing the module (Dense,
-    DenseGeneral, Conv, Embed, ...), so it can size itself to the output.
+    DenseGeneral, Conv, Embed, ...), so it can size itself to the output;
+    one whose ``__call__`` takes ``output`` gets the module's output (DoRA
+    rescales it).
     Stochastic depth and ``l2_lambda`` behave as in :class:`ResidualAdd`.
 
     Example:
@@ -228,9 +230,11 @@ class ParallelAdd(ResidualAdd):
 
     def adapter_output(self, adapter: AdapterFn, value: Any, ctx: AdapterContext) -> Any:
         x = ctx.argument(self.input_index)
-        if getattr(adapter, "accepts", lambda _: False)("layer"):
-            return adapter(x, layer=describe_layer(ctx, x, value))
-        return adapter(x)
+        accepts = getattr(adapter, "accepts", lambda _: False)
+        kwargs = {"output": value} if accepts("output") else {}
+        if accepts("layer"):
+            return adapter(x, layer=describe_layer(ctx, x, value), **kwargs)
+        return adapter(x, **kwargs)
 
 
 @register_strategy

@@ -27,7 +27,7 @@ from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import Target, normalize_targets, path_matches, qualified_name, select_names, split_adapter_name
 from jadapters.presets import Preset, get_preset
 from jadapters.strategies import ResidualAdd, Strategy, check_like
-from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
+from jadapters.tree import ADAPTERS_KEY, adapter_locations, merge_trees, split_adapters
 
 GLOBAL = ""  # NeMo's name for the default module(s) that bare names go to
 
@@ -567,6 +567,10 @@ def init_adapters(
     passed as they are, arrays are traced. ``variables`` is a dict of
     collections, ``{'params': ...}`` (Hugging Face models keep bare params:
     pass ``{'params': hf_model.params}``); it must hold every base variable.
+    Adapters that start from the layer's weight and leave it a residual
+    (LoRA's ``"pissa"`` and ``"olora"`` inits) are the one exception to "base
+    params untouched": the returned variables hold the residual weights of the
+    layers they were created on (new arrays; those passed in are unchanged).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -594,7 +598,40 @@ def init_adapters(
     _check_base_complete(variables, rest)
     present, _ = split_adapters(variables)
     missing = _drop_present(created, present)
-    return merge_trees(variables, missing)
+    return merge_trees(_rewritten_base(adapted, variables, rest, missing), missing)
+
+
+def _rewritten_base(adapted: AdaptedModule, variables: Mapping[str, Any], after: Mapping[str, Any], new: Mapping) -> Any:
+    """``variables`` with the base params of the layers that newly created adapters rewrite (PiSSA's residual).
+
+    An adapter whose ``rewrites_base`` is true replaces its layer's params when
+    it is created; they are taken from ``after`` (the state the creating pass
+    left) for the modules where it was just created, and nowhere else.
+    """
+    rewriting = {s.name for s in adapted.adapters if getattr(s.adapter, "rewrites_base", False)}
+    paths = {p for name, where in adapter_locations(new).items() if name in rewriting for p in where}
+    if not paths:
+        return variables
+    params = variables["params"]
+    for path in sorted(paths):
+        keys = path.split("/") if path else []
+        source = after["params"]
+        for key in keys:
+            source = source[key]
+        params = with_leaves(params, keys, {k: v for k, v in source.items() if not isinstance(v, Mapping)})
+    return {**variables, "params": params}
+
+
+def with_leaves(tree: Mapping[str, Any], keys: Sequence[str], leaves: Mapping[str, Any]) -> dict:
+    """A copy of ``tree`` with ``leaves`` set in the node at ``keys``; nothing else is copied.
+
+    Example:
+        >>> with_leaves({"a": {"k": 1, "b": 2}, "c": 3}, ["a"], {"k": 9})
+        {'a': {'k': 9, 'b': 2}, 'c': 3}
+    """
+    if not keys:
+        return {**tree, **leaves}
+    return {**tree, keys[0]: with_leaves(tree[keys[0]], keys[1:], leaves)}
 
 
 def _check_collections(variables: Any, what: str) -> None:
