@@ -188,7 +188,7 @@ def test_identity_at_init_and_the_base_output_with_adapters_disabled(case):
     """At init the adapters add exact zeros (XLA may still fuse the surrounding ops differently: ulps);
     disabled, the model compiles to the base's own program: bitwise equal."""
     base_out = base_forward(case.family.name)(case.base, case.inputs)
-    assert_trees_close(case.out(case.adapted, case.initial), base_out, 1e-6)
+    assert_trees_close(case.out(case.adapted, case.initial), base_out, case.method.init_tolerance)
 
     enabled = primary_output(case.out(case.adapted, case.variables))
     assert float(jnp.max(jnp.abs(enabled - primary_output(base_out)))) > 1e-4, "the adapter changed nothing"
@@ -271,3 +271,34 @@ def test_a_bfloat16_base(case):
     out = primary_output(case.out(case.adapted, variables, inputs))
     assert out.dtype == primary_output(base_out).dtype and bool(jnp.isfinite(out.astype(jnp.float32)).all())
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - primary_output(base_out).astype(jnp.float32)))) > 1e-2
+
+
+def _operations(module, variables, inputs, kwargs):
+    """Every operation of the forward pass, nested programs (scan, remat) included: (primitive, output types).
+
+    Inputs are left out: a scan passes its layers' unused (disabled) adapter params to its body, which
+    computes nothing with them."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name, tuple(str(v.aval) for v in eqn.outvars)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(lambda v, i: module.apply(v, *i, **kwargs))(variables, inputs).jaxpr))
+
+
+def test_merging_gives_the_adapted_output_at_the_base_cost(case):
+    """merge_adapters folds 'a' into the weights: the adapted output within 1e-5 (float32), and the
+    merged model (with 'b' still there, disabled) runs exactly the base model's operations."""
+    if not case.method.mergeable:
+        pytest.skip(f"{case.method.name} does not merge")
+    kwargs = case.family.eval_kwargs
+    model, merged = jadapters.merge_adapters(case.plain, case.variables, *case.inputs, **kwargs)
+    assert model.adapter_names() == ["b"] and jadapters.tree.adapter_locations(merged).keys() == {"b"}
+    expected = case.out(case.adapted, case.variables)
+    assert_trees_close(model.apply(merged, *case.inputs, **kwargs), expected, 1e-5)
+    base_model = case.family.built()[0]
+    assert _operations(model, merged, case.inputs, kwargs) == _operations(base_model, case.base, case.inputs, kwargs)

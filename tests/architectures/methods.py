@@ -22,6 +22,10 @@ class Method:
     name: str = "method"
     #: Leaves whose gradient is zero by construction (they may or may not move in training).
     gradient_free: tuple[str, ...] = ()
+    #: Whether the method folds into the base weights (the matrix then checks merge_adapters).
+    mergeable: bool = False
+    #: How close to the base's output the model is at init (XLA's fusions round differently).
+    init_tolerance: float = 1e-6
 
     def applies(self, family: Family) -> bool:
         return True
@@ -68,10 +72,64 @@ class LoRAMethod(Method):
     """LoRA on the family's LoRA roles (Dense, multi-head DenseGeneral, Conv, Embed, GPT-2's Conv1D)."""
 
     name: str = "lora"
+    mergeable: bool = True
 
     def add(self, adapted, family, name, variant):
         lora = jadapters.LoRA(rank=4, alpha=8.0) if variant == 0 else jadapters.LoRA(rank=2, alpha=4.0)
         return adapted.add_adapter(f"{'+'.join(family.lora_roles)}:{name}", lora)
 
 
-METHODS = (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod())
+@dataclasses.dataclass(frozen=True)
+class DoRAMethod(Method):
+    """DoRA (LoRA with a learned magnitude) on the family's LoRA roles, from its config; rsLoRA on one."""
+
+    name: str = "dora"
+    mergeable: bool = True
+    # At init m == ||W|| (computed by init_adapters' program) and the forward divides by ||W|| again
+    # (computed by the forward's program, whose reductions XLA may order differently): m / ||W|| is 1
+    # to a float32 ulp, not exactly, and two scanned layers amplify that to ~1e-6.
+    init_tolerance: float = 1e-5
+
+    def add(self, adapted, family, name, variant):
+        config = jadapters.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=family.lora_roles,
+                                      use_rslora=variant == 1)
+        return adapted.add_adapter(name, config)
+
+
+def _declared(family: Family, roles) -> tuple[str, ...]:
+    declared = dict(family.preset.roles)
+    return tuple(r for r in roles if r in declared)
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Method(Method):
+    """IA3 from its config: outputs of key/value scaled, the feed-forward output layer's input scaled;
+    the family's LoRA roles (output-scaled) where it has no key, value or feed-forward output."""
+
+    name: str = "ia3"
+    mergeable: bool = True
+
+    def add(self, adapted, family, name, variant):
+        roles = _declared(family, ("key", "value", "ffn_output")) or family.lora_roles
+        feedforward = ("ffn_output",) if "ffn_output" in roles and variant == 0 else ()
+        config = jadapters.IA3Config(target_modules=roles, feedforward_modules=feedforward)
+        return adapted.add_adapter(name, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class VeRAMethod(Method):
+    """VeRA (shared frozen projections from a seed) on the query and value projections (or a fused qkv)."""
+
+    name: str = "vera"
+    mergeable: bool = True
+
+    def applies(self, family):
+        return bool(_declared(family, ("query", "value")) or _declared(family, ("qkv",)))
+
+    def add(self, adapted, family, name, variant):
+        roles = _declared(family, ("query", "value")) or ("qkv",)
+        config = jadapters.VeraConfig(r=4 if variant == 0 else 2, target_modules=roles, projection_prng_key=variant)
+        return adapted.add_adapter(name, config)
+
+
+METHODS = (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod())
