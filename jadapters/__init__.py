@@ -13,7 +13,16 @@ Example:
     ['task']
 """
 
-from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
+from jadapters.adapters import Bottleneck, LinearAdapter, LoRA, MultiHeadAttentionAdapter, PHMLayer
+from jadapters.adapters.bottleneck import (
+    BnConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    DoubleSeqBnConfig,
+    ParBnConfig,
+    SeqBnConfig,
+)
+from jadapters.blocks import ResidualBlock
 from jadapters.checkpoint import (
     CheckpointError,
     adapter_checkpoint_manager,
@@ -45,12 +54,15 @@ __all__ = [
     "AdaptedModule",
     "AdapterSpec",
     "Preset",
+    "ResidualBlock",
     "list_modules",
     "adapter_summary",
     # adapters and strategies
     "LinearAdapter",
     "LoRA",
     "MultiHeadAttentionAdapter",
+    "Bottleneck",
+    "PHMLayer",
     "Strategy",
     "AdapterContext",
     "ResidualAdd",
@@ -59,6 +71,13 @@ __all__ = [
     "MHAResidualAdd",
     "register_adapter",
     "register_strategy",
+    # methods by config (AdapterHub's bottleneck family)
+    "BnConfig",
+    "SeqBnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     # training
     "make_train_step",
     "fit",

@@ -17,6 +17,9 @@ from jadapters.errors import AdapterError
 #: The reserved child name under which a module's adapters keep their variables.
 ADAPTERS_KEY = "__adapters__"
 
+#: Under an adapter's variables at the model's root: what every placement of the adapter shares.
+SHARED_KEY = "__shared__"
+
 Tree = Mapping[str, Any]
 
 
@@ -96,16 +99,23 @@ def merge_trees(*trees: Tree) -> dict:
 def adapter_locations(variables: Tree) -> dict[str, list[str]]:
     """Adapter name -> module paths holding its variables, in tree order.
 
+    Variables an adapter shares between its placements (under ``__shared__``
+    at the root) are not a location.
+
     Example:
         >>> adapter_locations({"params": {"enc": {"__adapters__": {"a": {"w": 1}}}}})
         {'a': ['enc']}
+        >>> adapter_locations({"params": {"__adapters__": {"a": {"__shared__": {"r": 1}}}}})
+        {}
     """
     found: dict[str, list[str]] = {}
 
     def walk(tree: Tree, path: tuple[str, ...]) -> None:
         for key, sub in tree.items():
             if key == ADAPTERS_KEY and isinstance(sub, Mapping):
-                for name in sub:
+                for name, own in sub.items():
+                    if isinstance(own, Mapping) and set(own) == {SHARED_KEY}:
+                        continue
                     where = "/".join(path)
                     if where not in found.setdefault(name, []):
                         found[name].append(where)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jadapters
-from jadapters.presets import Preset
+from jadapters import ResidualBlock
+from jadapters.presets import ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK, Preset
 
 from architectures import families as own
 
@@ -119,6 +120,10 @@ BERT = Family(
             "layers": "layer_*",
         },
         global_roles=["ffn_output"],
+        sites={
+            ATTENTION_BLOCK: ResidualBlock(r"re:layer_{layer}/attention_add", "dropout", layer_norm="LayerNorm"),
+            FFN_BLOCK: ResidualBlock(r"re:layer_{layer}/output_add", "dropout", layer_norm="LayerNorm"),
+        },
     ),
     lora_roles=("query", "value", "embeddings"),
     mha=("layers", None),
@@ -143,6 +148,10 @@ GPT = Family(
             "attention": "layers/attention",
         },
         global_roles=["ffn_output"],
+        sites={  # one scanned block holds both sub-blocks; no layer numbers
+            ATTENTION_BLOCK: ResidualBlock("layers", "attention", residual="ln_1"),
+            FFN_BLOCK: ResidualBlock("layers", "Dropout_0", residual="ln_2"),
+        },
     ),
     mha=("attention", None),
 )
@@ -165,6 +174,11 @@ T5 = Family(
             "embeddings": "shared",
         },
         global_roles=["ffn_output"],
+        sites={
+            ATTENTION_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "self_attention", residual="self_norm"),
+            CROSS_ATTENTION_BLOCK: ResidualBlock(r"re:decoder_{layer}", "cross_attention", residual="cross_norm"),
+            FFN_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "wo", residual="ffn_norm"),
+        },
     ),
 )
 
@@ -186,6 +200,10 @@ VIT = Family(
             "embeddings": "patch_embed",
         },
         global_roles=["ffn_output"],
+        sites={
+            ATTENTION_BLOCK: ResidualBlock(r"re:block_{layer}", "attention", residual="norm_1"),
+            FFN_BLOCK: ResidualBlock(r"re:block_{layer}", "mlp_out", residual="norm_2"),
+        },
     ),
     lora_roles=("query", "value", "embeddings"),
     float_inputs=(0,),
@@ -218,6 +236,8 @@ CONFORMER = Family(
             "layers": "layers_*",
         },
         global_roles=["layers"],
+        # The attention sub-block only: the feed-forward halves join as x + 0.5 * ffn(x) (Macaron style).
+        sites={ATTENTION_BLOCK: ResidualBlock(r"re:layers_{layer}", "self_attention", residual="attention_norm")},
     ),
     mha=("layers", 1),
     float_inputs=(0,),
