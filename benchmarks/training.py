@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jadapters  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from benchmarks.models import (  # noqa: E402
     BLOCK_TARGETS,
     DECODER_LAYERS,
@@ -366,14 +367,13 @@ def print_table(result: dict, title: str) -> None:
     rounds = result["rounds"]
     print(f"{title} ({rounds['rounds_quiet']} quiet of {rounds['rounds_total']} rounds; "
           f"medians over {'quiet' if rounds['only_quiet_rounds'] else 'all'} rounds)")
-    print(f"  {'variant':<12} {'median ms':>9} {'jadapters/variant':>17} {'target':>8} {'faults/step':>11} "
-          f"{'temp MiB':>8} {'opt state bytes':>15}")
+    rows = [("variant", "median ms", "jadapters/variant", "target", "faults/step", "temp MiB", "opt state bytes")]
     for name in ms:
         key = ratio_key.get(name)
-        ratio = f"{result[key]:.3f}" if key else "1.000"
-        target = f"<= {TARGETS[key]}" if key in TARGETS else ""
-        print(f"  {name:<12} {ms[name]:>9.2f} {ratio:>17} {target:>8} {faults[name]:>11.0f} "
-              f"{result['temp_buffer_bytes'][name] / 2**20:>8.1f} {result['opt_state_bytes'][name]:>15,}")
+        rows.append((name, f"{ms[name]:.2f}", f"{result[key]:.3f}" if key else "1.000",
+                     f"<= {TARGETS[key]}" if key in TARGETS else "", f"{faults[name]:.0f}",
+                     f"{result['temp_buffer_bytes'][name] / 2**20:.1f}", result["opt_state_bytes"][name]))
+    timing.print_table(rows)
 
 
 def main() -> None:
@@ -407,8 +407,7 @@ def main() -> None:
     if "with_reusing_malloc" in result:
         print_table({**result, **result["with_reusing_malloc"]}, f"GLIBC_TUNABLES={REUSING_MALLOC}")
     print("adapter pieces at one block (median ms):")
-    for name, value in result["adapter_pieces_ms"].items():
-        print(f"  {name:<36} {value:8.3f}")
+    timing.print_table([("piece", "median ms")] + [(k, f"{v:.3f}") for k, v in result["adapter_pieces_ms"].items()])
     print("notes:", result["notes"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from jadapters.context import LOSS_COLLECTION, sum_adapter_losses
 from jadapters.errors import AdapterError
 from jadapters.transform import AdaptedModule
-from jadapters.tree import adapter_name_at, merge_trees, split_adapters
+from jadapters.tree import adapter_name_at, merge_trees, replace_leaves, restrict, split_adapters
 
 Which = Literal["enabled", "all"]
 Variables = Mapping[str, Any]
@@ -216,7 +216,7 @@ class TrainStep:
         step, trainable, opt_state, adapter_variables, metrics = self.update(state, batch)
         # The frozen tree is not returned by the jitted update (XLA would copy
         # every base array); only the trained adapters' own variables change.
-        frozen = _replace_leaves(state.frozen, adapter_variables)
+        frozen = replace_leaves(state.frozen, adapter_variables)
         return state.replace(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state), metrics
 
 
@@ -322,7 +322,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         changed = {c: mutated[c] for c in collections if c in mutated and c != "params"}
-        kept = _restrict(split_adapters(changed, names)[0], frozen)
+        kept = restrict(split_adapters(changed, names)[0], frozen)
         metrics = {"loss": loss, "task_loss": task_loss, "aux_loss": aux_loss, **metrics}
         return state.step + 1, trainable, opt_state, kept, metrics
 
@@ -391,27 +391,3 @@ def _loss_and_metrics(result: Any) -> tuple[Any, Mapping[str, Any]]:
         what = f"an array of shape {shape}" if shape is not None else type(loss).__name__
         raise AdapterError(f"{expected}; its loss is {what} (reduce it, e.g. with .mean())")
     return loss, dict(metrics)
-
-
-def _restrict(tree: Mapping, like: Mapping) -> dict:
-    """The leaves of ``tree`` whose paths are leaves of ``like`` too."""
-    out = {}
-    for key, sub in tree.items():
-        if key not in like:
-            continue
-        if isinstance(sub, Mapping):
-            if isinstance(like[key], Mapping) and (picked := _restrict(sub, like[key])):
-                out[key] = picked
-        elif not isinstance(like[key], Mapping):
-            out[key] = sub
-    return out
-
-
-def _replace_leaves(tree: Mapping, new: Mapping) -> dict:
-    """``tree`` with the leaves present in ``new`` replaced; untouched subtrees are shared."""
-    if not new:
-        return tree
-    out = dict(tree)
-    for key, sub in new.items():
-        out[key] = _replace_leaves(tree[key], sub) if isinstance(sub, Mapping) else sub
-    return out

@@ -7,10 +7,11 @@ joining never copy an array: leaves are shared between input and output.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jadapters.errors import AdapterError
 
@@ -23,17 +24,12 @@ SHARED_KEY = "__shared__"
 Tree = Mapping[str, Any]
 
 
-def _select(tree: Tree, keep: Callable[[tuple[str, ...]], bool], path: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for key, sub in tree.items():
-        sub_path = path + (key,)
-        if isinstance(sub, Mapping):
-            picked = _select(sub, keep, sub_path)
-            if picked:
-                out[key] = picked
-        elif keep(sub_path):
-            out[key] = sub
-    return out
+def _flat(tree: Tree) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(tree, keep_empty_nodes=False) if tree else {}
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    return traverse_util.unflatten_dict(dict(flat)) if flat else {}
 
 
 def adapter_name_at(path: tuple[str, ...]) -> str | None:
@@ -62,12 +58,12 @@ def split_adapters(variables: Tree, names: Iterable[str] | None = None) -> tuple
         ({'params': {'enc': {'__adapters__': {'a': {'w': 2}}}}}, {'params': {'enc': {'kernel': 1, '__adapters__': {'b': {'w': 3}}}}})
     """
     wanted = None if names is None else set(names)
-
-    def is_selected(path):
+    selected, rest = {}, {}
+    for path, leaf in _flat(variables).items():
         owner = adapter_name_at(path)
-        return owner is not None and (wanted is None or owner in wanted)
-
-    return _select(variables, is_selected), _select(variables, lambda p: not is_selected(p))
+        chosen = owner is not None and (wanted is None or owner in wanted)
+        (selected if chosen else rest)[path] = leaf
+    return _unflat(selected), _unflat(rest)
 
 
 def merge_trees(*trees: Tree) -> dict:
@@ -77,23 +73,46 @@ def merge_trees(*trees: Tree) -> dict:
         >>> merge_trees({"a": {"x": 1}}, {"a": {"y": 2}})
         {'a': {'x': 1, 'y': 2}}
     """
-    out: dict = {}
-
-    def put(dst: dict, src: Tree, path: tuple[str, ...]) -> None:
-        for key, sub in src.items():
-            if isinstance(sub, Mapping):
-                node = dst.setdefault(key, {})
-                if not isinstance(node, dict):
-                    raise AdapterError(f"cannot merge: {'/'.join(path + (key,))} is both a leaf and a subtree")
-                put(node, sub, path + (key,))
-            elif key in dst:
-                raise AdapterError(f"cannot merge: {'/'.join(path + (key,))} is present twice")
-            else:
-                dst[key] = sub
-
+    out: dict[tuple[str, ...], Any] = {}
+    prefixes: set[tuple[str, ...]] = set()
     for tree in trees:
-        put(out, tree, ())
-    return out
+        for path, leaf in _flat(tree).items():
+            if path in out:
+                raise AdapterError(f"cannot merge: {'/'.join(path)} is present twice")
+            clash = next((path[:i] for i in range(1, len(path)) if path[:i] in out), None)
+            if clash is not None or path in prefixes:
+                raise AdapterError(f"cannot merge: {'/'.join(clash or path)} is both a leaf and a subtree")
+            out[path] = leaf
+            prefixes.update(path[:i] for i in range(1, len(path)))
+    return _unflat(out)
+
+
+def replace_leaves(tree: Tree, new: Tree) -> dict:
+    """``tree`` with the leaves that ``new`` holds replaced (every path of ``new`` must be in ``tree``).
+
+    Example:
+        >>> replace_leaves({"a": {"x": 1, "y": 2}}, {"a": {"y": 5}})
+        {'a': {'x': 1, 'y': 5}}
+    """
+    if not _flat(new):
+        return tree  # nothing to replace: the same tree, its subtrees shared
+    flat = _flat(tree)
+    for path, leaf in _flat(new).items():
+        if path not in flat:
+            raise AdapterError(f"cannot replace {'/'.join(path)}: the tree has no such leaf")
+        flat[path] = leaf
+    return _unflat(flat)
+
+
+def restrict(tree: Tree, like: Tree) -> dict:
+    """The leaves of ``tree`` whose paths are leaves of ``like`` too.
+
+    Example:
+        >>> restrict({"a": {"x": 1, "y": 2}}, {"a": {"y": 0}, "b": 3})
+        {'a': {'y': 2}}
+    """
+    keep = set(_flat(like))
+    return _unflat({p: leaf for p, leaf in _flat(tree).items() if p in keep})
 
 
 def adapter_locations(variables: Tree) -> dict[str, list[str]]:
@@ -109,22 +128,15 @@ def adapter_locations(variables: Tree) -> dict[str, list[str]]:
         {}
     """
     found: dict[str, list[str]] = {}
-
-    def walk(tree: Tree, path: tuple[str, ...]) -> None:
-        for key, sub in tree.items():
-            if key == ADAPTERS_KEY and isinstance(sub, Mapping):
-                for name, own in sub.items():
-                    if isinstance(own, Mapping) and set(own) == {SHARED_KEY}:
-                        continue
-                    where = "/".join(path)
-                    if where not in found.setdefault(name, []):
-                        found[name].append(where)
-            elif isinstance(sub, Mapping):
-                walk(sub, path + (key,))
-
-    for collection in variables.values():
-        if isinstance(collection, Mapping):
-            walk(collection, ())
+    for path in _flat(variables):
+        owner = adapter_name_at(path)
+        if owner is not None:
+            at = path.index(ADAPTERS_KEY)
+            if path[at + 2 : at + 3] == (SHARED_KEY,):  # shared between placements, not a placement
+                continue
+            where = "/".join(path[1:at])
+            if where not in found.setdefault(owner, []):
+                found[owner].append(where)
     return found
 
 
