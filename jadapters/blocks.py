@@ -61,6 +61,9 @@ def check_joining(original_ln_before: Any, original_ln_after: Any, residual_befo
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if not (isinstance(residual_before_ln, bool) or residual_before_ln == "post_add"):
         raise ValueError(f"residual_before_ln must be True, False or 'post_add', got {residual_before_ln!r}")
+    if residual_before_ln == "post_add" and not original_ln_before and not is_parallel:
+        raise ValueError("residual_before_ln='post_add' takes the residual after original_ln_before's addition: "
+                         "set original_ln_before=True")
 
 
 @dataclasses.dataclass(frozen=True)

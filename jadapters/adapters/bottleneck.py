@@ -221,7 +221,7 @@ class Bottleneck(nn.Module):
     5. ``use_gating``: ``* mean(sigmoid(gate(x)))``, the mean over the
        positions (every axis between the batch and the features), padding
        included, as AdapterHub does; the per-sample gate is sown as
-       ``intermediates/.../gate`` (apply with ``mutable=['intermediates']``);
+       ``intermediates/.../gate_score`` (apply with ``mutable=['intermediates']``);
     6. ``residual`` (if given) added before (``adapter_residual_before_ln``) or
        after ``ln_after``, a LayerNorm of its own.
 
@@ -368,7 +368,7 @@ class Bottleneck(nn.Module):
         gate = jax.nn.sigmoid(nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name="gate", **inits)(x))
         gate = jnp.mean(gate, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
         if not self.is_mutable_collection("params"):  # not while init_adapters creates variables
-            self.sow("intermediates", "gate", gate.reshape(gate.shape[0]))
+            self.sow("intermediates", "gate_score", gate.reshape(gate.shape[0]))
         return gate
 
 

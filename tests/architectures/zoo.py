@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import jadapters
 from jadapters import ResidualBlock
-from jadapters.presets import ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK, Preset
+from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset
 
 from architectures import families as own
 
@@ -120,10 +120,6 @@ BERT = Family(
             "layers": "layer_*",
         },
         global_roles=["ffn_output"],
-        sites={
-            ATTENTION_BLOCK: ResidualBlock(r"re:layer_{layer}/attention_add", "dropout", layer_norm="LayerNorm"),
-            FFN_BLOCK: ResidualBlock(r"re:layer_{layer}/output_add", "dropout", layer_norm="LayerNorm"),
-        },
     ),
     lora_roles=("query", "value", "embeddings"),
     mha=("layers", None),
@@ -174,11 +170,6 @@ T5 = Family(
             "embeddings": "shared",
         },
         global_roles=["ffn_output"],
-        sites={
-            ATTENTION_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "self_attention", residual="self_norm"),
-            CROSS_ATTENTION_BLOCK: ResidualBlock(r"re:decoder_{layer}", "cross_attention", residual="cross_norm"),
-            FFN_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "wo", residual="ffn_norm"),
-        },
     ),
 )
 
@@ -200,10 +191,6 @@ VIT = Family(
             "embeddings": "patch_embed",
         },
         global_roles=["ffn_output"],
-        sites={
-            ATTENTION_BLOCK: ResidualBlock(r"re:block_{layer}", "attention", residual="norm_1"),
-            FFN_BLOCK: ResidualBlock(r"re:block_{layer}", "mlp_out", residual="norm_2"),
-        },
     ),
     lora_roles=("query", "value", "embeddings"),
     float_inputs=(0,),
@@ -236,8 +223,6 @@ CONFORMER = Family(
             "layers": "layers_*",
         },
         global_roles=["layers"],
-        # The attention sub-block only: the feed-forward halves join as x + 0.5 * ffn(x) (Macaron style).
-        sites={ATTENTION_BLOCK: ResidualBlock(r"re:layers_{layer}", "self_attention", residual="attention_norm")},
     ),
     mha=("layers", 1),
     float_inputs=(0,),
