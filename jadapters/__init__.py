@@ -13,8 +13,29 @@ Example:
     ['task']
 """
 
-from jadapters.adapters import IA3, IA3Config, IA3Scale, LinearAdapter, LoRA, LoraConfig, MultiHeadAttentionAdapter, VeRA, VeraConfig
+from jadapters.adapters import (
+    IA3,
+    Bottleneck,
+    IA3Config,
+    IA3Scale,
+    LinearAdapter,
+    LoRA,
+    LoraConfig,
+    MultiHeadAttentionAdapter,
+    PHMLayer,
+    VeRA,
+    VeraConfig,
+)
 from jadapters.adapters.lora import residual_to_lora
+from jadapters.adapters.bottleneck import (
+    BnConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    DoubleSeqBnConfig,
+    ParBnConfig,
+    SeqBnConfig,
+)
+from jadapters.blocks import ResidualBlock
 from jadapters.checkpoint import (
     CheckpointError,
     adapter_checkpoint_manager,
@@ -47,6 +68,7 @@ __all__ = [
     "AdaptedModule",
     "AdapterSpec",
     "Preset",
+    "ResidualBlock",
     "list_modules",
     "adapter_summary",
     # adapters and strategies
@@ -60,6 +82,8 @@ __all__ = [
     "IA3Config",
     "VeraConfig",
     "residual_to_lora",
+    "Bottleneck",
+    "PHMLayer",
     "Strategy",
     "AdapterContext",
     "ResidualAdd",
@@ -69,6 +93,13 @@ __all__ = [
     "IA3Scale",
     "register_adapter",
     "register_strategy",
+    # methods by config (AdapterHub's bottleneck family)
+    "BnConfig",
+    "SeqBnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     # training
     "make_train_step",
     "fit",

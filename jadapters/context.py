@@ -14,8 +14,28 @@ from jadapters.errors import AdapterError
 #: The variable collection in which strategies record auxiliary losses.
 LOSS_COLLECTION = "adapter_losses"
 
-#: ``hook(call, *args, **kwargs) -> output``: runs instead of a module's call; ``call`` runs the module.
+#: ``hook(call, *args, **kwargs) -> output``: runs instead of a module's call; ``call`` runs the module
+#: (a :class:`ChildCall`).
 ChildHook = Callable[..., Any]
+
+
+class ChildCall:
+    """What a child hook receives as ``call``: running it runs the child (once per call of the child).
+
+    ``module`` is the bound child. A hook that needs the child's function a
+    second time (a LayerNorm applied before and after an adapter) uses
+    :meth:`again`, which runs a copy of the child on the same variables.
+    """
+
+    def __init__(self, run: Callable[..., Any], module: Any):
+        self._run, self.module = run, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(*args, **kwargs)
+
+    def again(self, *args: Any, **kwargs: Any) -> Any:
+        """The child's output on other inputs, from an unbound copy applied to its variables (pure)."""
+        return self.module.clone(parent=None).apply(self.module.variables, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +129,8 @@ class AdapterContext:
         """While active, calls of the submodules at the relative paths in ``hooks`` run the hooks instead.
 
         ``hooks[relative_path](call, *args, **kwargs)`` replaces the call of the
-        submodule ``path + '/' + relative_path``; ``call`` runs the submodule
-        itself. This is how a strategy reaches inside the module it wraps, e.g.
+        submodule ``path + '/' + relative_path``; ``call`` (a :class:`ChildCall`)
+        runs the submodule itself, and ``call.module`` is the submodule. This is how a strategy reaches inside the module it wraps, e.g.
         to read one sublayer's output and change what another computes.
         """
         if self.session is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
+from jadapters.blocks import ResidualBlock
 from jadapters.errors import AdapterError
 from jadapters.naming import Target, normalize_targets
 
@@ -27,6 +28,10 @@ EMBEDDINGS = "embeddings"
 
 #: The roles adapter methods may ask for.
 ROLES = (QUERY, KEY, VALUE, QKV, ATTENTION_OUTPUT, FFN_INTERMEDIATE, FFN_OUTPUT, EMBEDDINGS)
+
+#: Sites (:class:`jadapters.ResidualBlock`) of the sub-blocks where bottleneck adapters go: the
+#: self-attention, a decoder's cross-attention, and the feed-forward.
+ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK = "attention_block", "cross_attention_block", "ffn_block"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,11 @@ HF_BERT = Preset.make(
         EMBEDDINGS: "embeddings/word_embeddings",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # Post-LN: dense -> dropout -> LayerNorm(h + input_tensor), input_tensor the second argument.
+        ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/attention/output", "dropout", layer_norm="LayerNorm"),
+        FFN_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/output", "dropout", layer_norm="LayerNorm"),
+    },
 )
 
 HF_VIT = Preset.make(
@@ -107,6 +117,11 @@ HF_VIT = Preset.make(
         EMBEDDINGS: "embeddings/patch_embeddings/projection",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # Pre-LN: the layer adds its input to the attention's output; ViTOutput adds its second argument.
+        ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}", "attention", hidden_index=0, residual="layernorm_before"),
+        FFN_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/output", "dropout"),
+    },
 )
 
 HF_GPT2 = Preset.make(
@@ -119,6 +134,11 @@ HF_GPT2 = Preset.make(
         EMBEDDINGS: "wte",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # Pre-LN: both sub-blocks are in the block; x is what its ln_1 / ln_2 normalise.
+        ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?h/{layer}", "attn", hidden_index=0, residual="ln_1"),
+        FFN_BLOCK: ResidualBlock(r"re:(.*/)?h/{layer}", "mlp", residual="ln_2"),
+    },
 )
 
 HF_T5 = Preset.make(
@@ -133,6 +153,15 @@ HF_T5 = Preset.make(
         EMBEDDINGS: "shared",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # Pre-LN: each layer adds dropout(sub-layer(layer_norm(x))) to x. Each stack numbers its blocks from 0.
+        ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?(encoder|decoder)/block/{layer}/layer/0", "dropout", residual="layer_norm"),
+        CROSS_ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?decoder/block/{layer}/layer/1", "dropout", residual="layer_norm"),
+        FFN_BLOCK: ResidualBlock(
+            [r"re:(.*/)?encoder/block/{layer}/layer/1", r"re:(.*/)?decoder/block/{layer}/layer/2"], "dropout",
+            residual="layer_norm",
+        ),
+    },
 )
 
 #: The presets that ship with jadapters, by name.

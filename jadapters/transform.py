@@ -22,12 +22,12 @@ import jax
 import numpy as np
 
 from jadapters.configs import MethodConfig, as_config
-from jadapters.context import LOSS_COLLECTION, AdapterContext
+from jadapters.context import LOSS_COLLECTION, AdapterContext, ChildCall
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.naming import Target, normalize_targets, path_matches, qualified_name, select_names, split_adapter_name
 from jadapters.presets import Preset, get_preset
 from jadapters.strategies import ResidualAdd, Strategy, check_like
-from jadapters.tree import ADAPTERS_KEY, adapter_locations, merge_trees, split_adapters
+from jadapters.tree import ADAPTERS_KEY, SHARED_KEY, adapter_locations, merge_trees, split_adapters
 
 GLOBAL = ""  # NeMo's name for the default module(s) that bare names go to
 
@@ -160,11 +160,37 @@ class AdaptedModule(nn.Module):
 
     def _run_adapted(self, run: Callable[[], Any]) -> Any:
         session = _Session(self)
+        session.shared = self._shared_variables(session.creating)
         with nn.intercept_methods(session.intercept):
             output = run()
         if session.creating:
             _check_all_placed(self.adapters, session.matched, session.seen)
         return output
+
+    @nn.nowrap
+    def _shared_variables(self, creating: bool) -> dict[str, Any]:
+        """What each adapter's ``shared_module()`` computes, once per call, at the model's root.
+
+        Variables shared by every placement of one adapter (Compacter's PHM
+        rule) live at ``<root>/__adapters__/<name>/__shared__/``, outside any
+        ``nn.scan`` of the model, so they are never stacked per layer; the
+        adapter reads the result as its ``shared`` argument.
+        """
+        shared: dict[str, Any] = {}
+        for spec in self.adapters:
+            make = getattr(spec.adapter, "shared_module", None)
+            module = make() if make is not None and (spec.enabled or creating) else None
+            if module is None:
+                continue
+            scope = self.scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True).push(SHARED_KEY, reuse=True)
+            try:
+                shared[spec.name] = module.clone(parent=scope)()
+            except flax.errors.ScopeParamNotFoundError as e:
+                raise AdapterError(
+                    f"adapter {spec.name!r}: its shared variables are not in the variables given to apply: "
+                    f"initialise it with jadapters.init_adapters first ({e})"
+                ) from None
+        return shared
 
     @nn.nowrap
     def _entry(self, method: Any) -> Any:
@@ -374,7 +400,12 @@ _OWN_METHODS = frozenset({"__call__", "call_method"})
 
 
 class _AdapterCall:
-    """Calls one bound adapter, with its mode and with errors that name it."""
+    """Calls one bound adapter, with its mode and with errors that name it.
+
+    An adapter whose ``__call__`` takes ``deterministic`` gets ``not training``;
+    one that takes ``shared`` gets what its ``shared_module()`` computed at the
+    model's root for this call.
+    """
 
     def __init__(self, adapter: nn.Module, ctx: AdapterContext, training: bool):
         self._adapter, self._ctx, self._training = adapter, ctx, training
@@ -383,9 +414,20 @@ class _AdapterCall:
         """Whether the adapter's ``__call__`` takes ``argument`` (e.g. ``'layer'``)."""
         return argument in _call_parameters(type(self._adapter))
 
+    def nested(self, name: str) -> "_AdapterCall":
+        """The same adapter with its own variables under ``name``.
+
+        For a strategy that places one adapter at several positions inside the
+        module it wraps (an attention and a feed-forward adapter in one block).
+        """
+        scope = self._ctx.scope.push(name, reuse=True)
+        return _AdapterCall(self._adapter.clone(parent=scope), self._ctx, self._training)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.accepts("deterministic"):
             kwargs.setdefault("deterministic", not self._training)
+        if self.accepts("shared") and self._ctx.session is not None:
+            kwargs.setdefault("shared", self._ctx.session.shared.get(self._ctx.name))
         try:
             return self._adapter(*args, **kwargs)
         except flax.errors.ScopeParamNotFoundError as e:
@@ -410,6 +452,7 @@ class _Session:
         self.losses_requested = adapted.is_mutable_collection(LOSS_COLLECTION)
         self.matched: set[str] = set()
         self.seen: list[str] = []
+        self.shared: dict[str, Any] = {}
         self._active: set[str] = set()
         self._hooks: list[tuple[str, Mapping[str, Any]]] = []
 
@@ -446,7 +489,7 @@ class _Session:
         for parent, hooks in reversed(self._hooks):
             relative = path[len(parent) + 1 :] if parent else path
             if (path.startswith(parent + "/") or not parent) and relative in hooks:
-                call = functools.partial(hooks[relative], call)
+                call = functools.partial(hooks[relative], ChildCall(call, module))
         self._active.add(path)
         try:
             return call(*args, **kwargs)

@@ -18,6 +18,9 @@ from jadapters.errors import AdapterError
 #: The reserved child name under which a module's adapters keep their variables.
 ADAPTERS_KEY = "__adapters__"
 
+#: Under an adapter's variables at the model's root: what every placement of the adapter shares.
+SHARED_KEY = "__shared__"
+
 Tree = Mapping[str, Any]
 
 
@@ -115,15 +118,23 @@ def restrict(tree: Tree, like: Tree) -> dict:
 def adapter_locations(variables: Tree) -> dict[str, list[str]]:
     """Adapter name -> module paths holding its variables, in tree order.
 
+    Variables an adapter shares between its placements (under ``__shared__``
+    at the root) are not a location.
+
     Example:
         >>> adapter_locations({"params": {"enc": {"__adapters__": {"a": {"w": 1}}}}})
         {'a': ['enc']}
+        >>> adapter_locations({"params": {"__adapters__": {"a": {"__shared__": {"r": 1}}}}})
+        {}
     """
     found: dict[str, list[str]] = {}
     for path in _flat(variables):
         owner = adapter_name_at(path)
         if owner is not None:
-            where = "/".join(path[1 : path.index(ADAPTERS_KEY)])
+            at = path.index(ADAPTERS_KEY)
+            if path[at + 2 : at + 3] == (SHARED_KEY,):  # shared between placements, not a placement
+                continue
+            where = "/".join(path[1:at])
             if where not in found.setdefault(owner, []):
                 found[owner].append(where)
     return found

@@ -1,4 +1,4 @@
-"""Activations by name, as NeMo's adapters take them."""
+"""Activations by name, as NeMo's adapters and AdapterHub's configs name them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "selu": jax.nn.selu,
     "hardtanh": jax.nn.hard_tanh,
     "sigmoid": jax.nn.sigmoid,
+    # Hugging Face's names, which AdapterHub's configs use
+    "linear": lambda x: x,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "leakyrelu": jax.nn.leaky_relu,  # slope 0.01, as torch's
+    "relu6": jax.nn.relu6,
+    "mish": jax.nn.mish,
 }
 
 

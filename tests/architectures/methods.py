@@ -12,6 +12,8 @@ import dataclasses
 
 import jadapters
 from jadapters import AdaptedModule
+from jadapters.configs import parse_method
+from jadapters.presets import ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK
 
 from architectures import families as own
 from architectures.zoo import Family
@@ -132,4 +134,53 @@ class VeRAMethod(Method):
         return adapted.add_adapter(name, config)
 
 
-METHODS = (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod())
+
+@dataclasses.dataclass(frozen=True)
+class BottleneckMethod(Method):
+    """An AdapterHub bottleneck method (a name with options), at every residual-block site the family declares.
+
+    A matrix case costs about 9 s of CPU, so each method runs on one family,
+    together covering the three Hugging Face presets that no parity test
+    covers (GPT-2, T5 with its cross-attention, ViT: tuple outputs, one module
+    holding two sites, encoder-decoder) and ``nn.scan(nn.remat(...))`` with
+    Compacter's rule shared across the scanned layers. Hugging Face's BERT is
+    covered by the reference parity tests, the other mechanisms (post-LN
+    blocks, every option on post- and pre-LN blocks) by tests/test_bottleneck.py.
+
+    Variant 0 uses ``init_weights='mam_adapter'`` (zero up projection), under
+    which a bottleneck starts as identity (AdapterHub's default ``'bert'`` does
+    not). Compacter's PHM layers are never zero at init (rule ~ N(0,
+    phm_init_range)); a small ``phm_init_range`` keeps their output within
+    float rounding of zero.
+    """
+
+    name: str = "seq_bn"
+    variants: tuple[str, str] = ("seq_bn", "seq_bn")
+    families: tuple[str, ...] = ()
+
+    def applies(self, family):
+        return family.name in self.families
+
+    def add(self, adapted, family, name, variant):
+        sites = dict(family.preset.sites)
+        config = parse_method(self.variants[variant]).replace(
+            mh_adapter=ATTENTION_BLOCK in sites, output_adapter=FFN_BLOCK in sites,
+            cross_adapter=CROSS_ATTENTION_BLOCK in sites,
+        )
+        return adapted.add_adapter(name, config)
+
+
+BOTTLENECK_METHODS = (
+    BottleneckMethod("seq_bn", variants=("seq_bn[reduction_factor=4,init_weights='mam_adapter']",
+                                         "seq_bn[reduction_factor=8,use_gating=True,scaling='channel']"),
+                     families=("hf_gpt2",)),
+    BottleneckMethod("double_seq_bn", variants=("double_seq_bn[reduction_factor=4,init_weights='mam_adapter']",
+                                                "double_seq_bn[reduction_factor=8,residual_before_ln=False]"),
+                     families=("hf_t5",)),
+    BottleneckMethod("par_bn", variants=("par_bn", "scaled_par_bn[reduction_factor=4]"), families=("hf_vit",)),
+    BottleneckMethod("compacter", variants=("compacter[reduction_factor=4,phm_init_range=1e-8]",
+                                            "compacter++[reduction_factor=2,phm_dim=2,shared_phm_rule=False]"),
+                     families=("gpt",)),
+)
+
+METHODS = (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod()) + BOTTLENECK_METHODS

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jadapters
-from jadapters.presets import Preset
+from jadapters import ResidualBlock
+from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset
 
 from architectures import families as own
 
@@ -143,6 +144,10 @@ GPT = Family(
             "attention": "layers/attention",
         },
         global_roles=["ffn_output"],
+        sites={  # one scanned block holds both sub-blocks; no layer numbers
+            ATTENTION_BLOCK: ResidualBlock("layers", "attention", residual="ln_1"),
+            FFN_BLOCK: ResidualBlock("layers", "Dropout_0", residual="ln_2"),
+        },
     ),
     mha=("attention", None),
 )
