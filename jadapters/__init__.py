@@ -13,7 +13,9 @@ Example:
     ['task']
 """
 
-from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter
+from jadapters.adapters import LinearAdapter, LoRA, MultiHeadAttentionAdapter, PrefixTuning, PromptTuning
+from jadapters.adapters.prefix import PrefixTuningConfig, PrependPrefix, fold_prefix_tuning
+from jadapters.adapters.prompt import PromptTuningConfig, PrependPrompt
 from jadapters.checkpoint import (
     CheckpointError,
     adapter_checkpoint_manager,
@@ -30,6 +32,7 @@ from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
+from jadapters.sites import AttentionSite, EmbeddingSite, MaskArgument
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
 from jadapters.summary import adapter_summary
 from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
@@ -51,6 +54,17 @@ __all__ = [
     "LinearAdapter",
     "LoRA",
     "MultiHeadAttentionAdapter",
+    # prompt and prefix tuning
+    "PromptTuning",
+    "PromptTuningConfig",
+    "PrependPrompt",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PrependPrefix",
+    "fold_prefix_tuning",
+    "AttentionSite",
+    "EmbeddingSite",
+    "MaskArgument",
     "Strategy",
     "AdapterContext",
     "ResidualAdd",

@@ -9,7 +9,8 @@ role as a module name, so ``'value:name'`` puts an adapter on every value
 projection and methods place themselves without per-architecture code.
 
 Presets for Hugging Face's Flax BERT, GPT-2, T5 and ViT (``transformers<5``)
-ship here; a family of your own is a :class:`Preset` of a few lines.
+ship here; a family of your own is a :class:`Preset` of a few lines. Sites
+(:mod:`jadapters.sites`) say what prompt and prefix tuning need to know.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from jadapters.errors import AdapterError
 from jadapters.naming import Target, normalize_targets
+from jadapters.sites import ATTENTION, EMBEDDINGS, AttentionSite, EmbeddingSite, MaskArgument
 
 QUERY, KEY, VALUE, QKV = "query", "key", "value", "qkv"
 ATTENTION_OUTPUT = "attention_output"
@@ -93,6 +95,16 @@ HF_BERT = Preset.make(
         EMBEDDINGS: "embeddings/word_embeddings",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        ATTENTION: AttentionSite("attention/self", mask=MaskArgument("attention_mask", 1)),
+        EMBEDDINGS: EmbeddingSite(
+            word_embeddings="embeddings/word_embeddings",
+            position_embeddings=("embeddings/position_embeddings",),
+            token_type_embeddings=("embeddings/token_type_embeddings",),
+            embeddings="embeddings",
+            mask=MaskArgument("attention_mask", 1),
+        ),
+    },
 )
 
 HF_VIT = Preset.make(
@@ -107,6 +119,11 @@ HF_VIT = Preset.make(
         EMBEDDINGS: "embeddings/patch_embeddings/projection",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # The layer reshapes its projections by its input's length: the prefix enters as rows.
+        ATTENTION: AttentionSite("attention/attention", pad_queries=True, output=0),
+        EMBEDDINGS: EmbeddingSite(embeddings="embeddings"),
+    },
 )
 
 HF_GPT2 = Preset.make(
@@ -119,6 +136,18 @@ HF_GPT2 = Preset.make(
         EMBEDDINGS: "wte",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # Fused q|k|v and a causal mask cut from the query and key lengths: the prefix enters as
+        # rows, so every token sees all of it.
+        ATTENTION: AttentionSite("attn", qkv="c_attn", mask=MaskArgument("attention_mask", 2), pad_queries=True, output=0),
+        EMBEDDINGS: EmbeddingSite(
+            word_embeddings="transformer/wte",
+            position_embeddings=("transformer/wpe",),
+            embeddings="transformer/h",
+            embeddings_argument=0,
+            mask=MaskArgument("attention_mask", 1),
+        ),
+    },
 )
 
 HF_T5 = Preset.make(
@@ -133,6 +162,12 @@ HF_T5 = Preset.make(
         EMBEDDINGS: "shared",
     },
     global_roles=[FFN_OUTPUT],
+    sites={
+        # The encoder's prompts; the decoder's cross-attention sees them through the same mask.
+        # (Prefix tuning: Flax T5 derives its relative position bias and causal mask from the
+        # key length inside the layer and hands the masked bias on; no attention site yet.)
+        EMBEDDINGS: EmbeddingSite(word_embeddings="shared", within="encoder", mask=MaskArgument("attention_mask", 1)),
+    },
 )
 
 #: The presets that ship with jadapters, by name.
