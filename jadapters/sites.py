@@ -20,10 +20,12 @@ Site names methods look for: ``"attention"`` and ``"cross_attention"``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from jadapters.context import AdapterContext
+from jadapters.errors import AdapterError
 from jadapters.naming import normalize_targets
 
 #: Mask layouts: ``"padding"`` is ``(batch, keys)`` (Hugging Face's ``attention_mask``),
@@ -31,6 +33,9 @@ from jadapters.naming import normalize_targets
 MASK_KINDS = ("padding", "attention")
 
 ATTENTION, CROSS_ATTENTION, EMBEDDINGS = "attention", "cross_attention", "embeddings"
+
+#: The semantics prompt and prefix tuning offer: Hugging Face PEFT's and AdapterHub's.
+STYLES = ("peft", "adapterhub")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,3 +222,45 @@ class EmbeddingSite:
             raise ValueError("embeddings_argument needs the module it belongs to (embeddings=...)")
         if self.mask is not None and not isinstance(self.mask, MaskArgument):
             raise ValueError(f"mask must be a MaskArgument, got {self.mask!r}")
+
+
+def adapter_length(adapter: Callable[..., Any]) -> int:
+    """The ``length`` field (prompt or prefix length) of the adapter a strategy was handed."""
+    length = getattr(getattr(adapter, "module", None), "length", None)
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise AdapterError(f"prompt and prefix strategies need an adapter with an int 'length' field, got {adapter!r}")
+    return length
+
+
+def run_hooked(site: Any, hooks: dict, call: Callable[..., Any], args: tuple, kwargs: dict, ctx: AdapterContext,
+               within: str | None = None) -> Any:
+    """``call(*args, **kwargs)`` with the child ``hooks`` active (only inside the call of the child
+    ``within`` if given); raises unless every hooked submodule ran: a site naming a submodule that
+    is never called would otherwise change nothing, silently."""
+    ran: set[str] = set()
+
+    def marked(name, hook):
+        def run(call_, *a, **k):
+            ran.add(name)
+            return hook(call_, *a, **k)
+
+        return run
+
+    active = {name: marked(name, hook) for name, hook in hooks.items()}
+    if within is not None:
+        inner = active
+
+        def scoped(call_, *a, **k):
+            with ctx.intercept_children(inner):
+                return call_(*a, **k)
+
+        active = {within: marked(within, scoped)}
+    with ctx.intercept_children(active):
+        out = call(*args, **kwargs)
+    missing = [name for name in ([within] if within else []) + list(hooks) if name not in ran]
+    if missing:
+        raise AdapterError(
+            f"{ctx.where()}: the site {site} names the submodule(s) {missing}, which this call never ran; "
+            f"the module's submodules are called by their paths relative to {ctx.path!r}"
+        )
+    return out

@@ -285,7 +285,7 @@ def test_configs_by_name_with_both_libraries_vocabularies():
         ja.PrefixTuningConfig(num_virtual_tokens=8, prefix_length=4)
     with pytest.raises(ValueError, match=r"prefix_projection=True and not flat=False disagree"):
         ja.PrefixTuningConfig(prefix_projection=True, flat=True)
-    with pytest.raises(ValueError, match=r"style must be one of \('peft', 'adapterhub'\), got 'hf'"):
+    with pytest.raises(ValueError, match=r"prefix_tuning: style must be one of \['peft', 'adapterhub'\], got 'hf'"):
         ja.PrefixTuningConfig(style="hf")
     with pytest.raises(ValueError, match=r"length must be a positive int, got 0"):
         ja.PrefixTuningConfig(num_virtual_tokens=0)

@@ -40,17 +40,16 @@ import jax.numpy as jnp
 from jadapters.adapters.activations import get_activation
 from jadapters.adapters.linear import torch_linear_init
 from jadapters.checks import check_dropout, check_positive_int
-from jadapters.configs import MethodConfig, Placed, register_method
+from jadapters.configs import MethodConfig, Placed, check_options, register_method, resolve_alias
 from jadapters.context import AdapterContext
 from jadapters.errors import AdapterError
 from jadapters.naming import path_matches
 from jadapters.registry import register_adapter, register_strategy
-from jadapters.sites import ATTENTION, CROSS_ATTENTION, EMBEDDINGS, AttentionSite, EmbeddingSite, insert_ones
+from jadapters.sites import (
+    ATTENTION, CROSS_ATTENTION, EMBEDDINGS, STYLES, AttentionSite, EmbeddingSite, adapter_length, insert_ones, run_hooked,
+)
 from jadapters.strategies import AdapterFn, Strategy
 from jadapters.tree import ADAPTERS_KEY
-
-STYLES = ("peft", "adapterhub")
-
 
 def torch_bias_init(fan_in: int):
     """PyTorch's Linear bias initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -119,14 +118,6 @@ class PrefixTuning(nn.Module):
         return keys, values
 
 
-def _length(adapter: AdapterFn) -> int:
-    module = getattr(adapter, "module", None)
-    length = getattr(module, "length", None)
-    if not isinstance(length, int):
-        raise AdapterError(f"prompt and prefix strategies need an adapter with a 'length' field, got {module!r}")
-    return length
-
-
 def _prepend(prefix: jax.Array, out: jax.Array, axis: int, replace: bool) -> jax.Array:
     """``prefix`` ``(P, *trailing)`` in front of ``out`` along ``axis`` (instead of its first P rows if ``replace``)."""
     count = prefix.shape[0]
@@ -134,24 +125,6 @@ def _prepend(prefix: jax.Array, out: jax.Array, axis: int, replace: bool) -> jax
     prefix = jnp.broadcast_to(prefix.reshape((count,) + out.shape[axis + 1 :]), shape).astype(out.dtype)
     rest = jax.lax.slice_in_dim(out, count, None, axis=axis) if replace else out
     return jnp.concatenate([prefix, rest], axis=axis)
-
-
-class _Fired:
-    """Counts which child hooks ran, to fail loudly when a site names a submodule that is never called."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def mark(self, name: str) -> None:
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def require(self, names: Sequence[str], ctx: AdapterContext, site: Any) -> None:
-        missing = [n for n in names if not self.counts.get(n)]
-        if missing:
-            raise AdapterError(
-                f"{ctx.where()}: the site {site} names the submodule(s) {missing}, which this call never ran; "
-                f"the module's submodules are called by their paths relative to {ctx.path!r}"
-            )
 
 
 @register_strategy
@@ -191,7 +164,7 @@ class PrependPrefix(Strategy):
 
     def around(self, adapter: AdapterFn, call, ctx: AdapterContext) -> Any:
         if self.embeddings is not None and ctx.path == self.embeddings.module:
-            return _as_cache(self.embeddings, _length(adapter), call, ctx)
+            return _as_cache(self.embeddings, adapter_length(adapter), call, ctx)
         site = next((s for s in self.attention if any(path_matches(ctx.path, t) for t in s.targets)), self.attention[0])
         return _attend(site, adapter, call, ctx)
 
@@ -207,38 +180,11 @@ def _as_cache(site: EmbeddingSite, count: int, call, ctx: AdapterContext) -> Any
 
     hooks = {p: shifted for p in site.position_embeddings}
     hooks.update({p: zeroed for p in site.token_type_embeddings})
-    return _run_within(site, hooks, call, ctx.args, ctx.kwargs, ctx)
-
-
-def _run_within(site: EmbeddingSite, hooks: dict, call, args, kwargs, ctx: AdapterContext) -> Any:
-    """``call(*args, **kwargs)`` with child ``hooks`` active (only inside the call of ``site.within``
-    if given); raises unless every hooked submodule ran."""
-    fired = _Fired()
-
-    def marked(name, hook):
-        def run(call_, *a, **k):
-            fired.mark(name)
-            return hook(call_, *a, **k)
-
-        return run
-
-    active = {name: marked(name, hook) for name, hook in hooks.items()}
-    if site.within is not None:
-        inner = active
-
-        def scoped(call_, *a, **k):
-            with ctx.intercept_children(inner):
-                return call_(*a, **k)
-
-        active = {site.within: marked(site.within, scoped)}
-    with ctx.intercept_children(active):
-        out = call(*args, **kwargs)
-    fired.require(([site.within] if site.within else []) + list(hooks), ctx, site)
-    return out
+    return run_hooked(site, hooks, call, ctx.args, ctx.kwargs, ctx, site.within)
 
 
 def _attend(site: AttentionSite, adapter: AdapterFn, call, ctx: AdapterContext) -> Any:
-    count, axis = _length(adapter), site.sequence_axis
+    count, axis = adapter_length(adapter), site.sequence_axis
     args, kwargs = tuple(ctx.args), dict(ctx.kwargs)
     if site.mask is not None:
         axes = (-2, -1) if site.pad_queries and site.mask.kind == "attention" else (-1,)
@@ -250,7 +196,6 @@ def _attend(site: AttentionSite, adapter: AdapterFn, call, ctx: AdapterContext) 
         placeholder = jnp.zeros(x.shape[:axis] + (count,) + x.shape[axis + 1 :], x.dtype)
         args = (jnp.concatenate([placeholder, x], axis=axis),) + args[1:]
     cache: dict[str, tuple[jax.Array, jax.Array]] = {}
-    fired = _Fired()
 
     def prefix(projected: jax.Array, projection_input: Any) -> tuple[jax.Array, jax.Array]:
         if "kv" not in cache:
@@ -258,25 +203,21 @@ def _attend(site: AttentionSite, adapter: AdapterFn, call, ctx: AdapterContext) 
             cache["kv"] = adapter(features, jnp.shape(projection_input)[-1])
         return cache["kv"]
 
-    def separate(which: int, name: str):
+    def separate(which: int):
         def hook(call_, *a, **k):
-            fired.mark(name)
             out = call_(*a, **k)
             return _prepend(prefix(out, a[0])[which], out, axis, site.pad_queries)
 
         return hook
 
     def fused(call_, *a, **k):
-        fired.mark(site.qkv)
         out = call_(*a, **k)
         queries, keys, values = jnp.split(out, 3, axis=-1)
         pk, pv = prefix(keys, a[0])
         return jnp.concatenate([queries, _prepend(pk, keys, axis, True), _prepend(pv, values, axis, True)], axis=-1)
 
-    hooks = {site.qkv: fused} if site.qkv else {site.key: separate(0, site.key), site.value: separate(1, site.value)}
-    with ctx.intercept_children(hooks):
-        out = call(*args, **kwargs)
-    fired.require(list(hooks), ctx, site)
+    hooks = {site.qkv: fused} if site.qkv else {site.key: separate(0), site.value: separate(1)}
+    out = run_hooked(site, hooks, call, args, kwargs, ctx)
     if not site.pad_queries:
         return out
     drop = lambda y: jax.lax.slice_in_dim(y, count, None, axis=axis)
@@ -285,17 +226,6 @@ def _attend(site: AttentionSite, adapter: AdapterFn, call, ctx: AdapterContext) 
     parts = list(out)
     parts[site.output] = drop(parts[site.output])
     return type(out)(parts) if isinstance(out, tuple) else parts
-
-
-def _resolve(name: str, value: Any, alias_name: str, alias: Any, default: Any) -> Any:
-    if value is not None and alias is not None and value != alias:
-        raise ValueError(f"{name}={value!r} and {alias_name}={alias!r} disagree; give one of them")
-    return value if value is not None else alias if alias is not None else default
-
-
-def check_style(style: Any) -> None:
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
 @register_method("prefix_tuning")
@@ -349,7 +279,7 @@ class PrefixTuningConfig(MethodConfig):
     bottleneck_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_style(self.style)
+        check_options("prefix_tuning", [self.style], STYLES, "style")
         for name in ("prefix_projection", "flat", "cross_prefix"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
@@ -358,16 +288,16 @@ class PrefixTuningConfig(MethodConfig):
 
     @property
     def length(self) -> int:
-        return _resolve("num_virtual_tokens", self.num_virtual_tokens, "prefix_length", self.prefix_length,
+        return resolve_alias("num_virtual_tokens", self.num_virtual_tokens, "prefix_length", self.prefix_length,
                         20 if self.style == "peft" else 30)
 
     @property
     def projection(self) -> bool:
         flat = None if self.flat is None else not self.flat
-        return _resolve("prefix_projection", self.prefix_projection, "not flat", flat, self.style == "adapterhub")
+        return resolve_alias("prefix_projection", self.prefix_projection, "not flat", flat, self.style == "adapterhub")
 
     def adapter(self) -> PrefixTuning:
-        hidden = _resolve("encoder_hidden_size", self.encoder_hidden_size, "bottleneck_size", self.bottleneck_size,
+        hidden = resolve_alias("encoder_hidden_size", self.encoder_hidden_size, "bottleneck_size", self.bottleneck_size,
                           None if self.style == "peft" else 512)
         return PrefixTuning(length=self.length, projection=self.projection, hidden=hidden,
                             non_linearity=self.non_linearity, dropout=self.dropout)

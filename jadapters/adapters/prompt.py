@@ -28,13 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jadapters.adapters.prefix import _length, _resolve, _run_within, check_style
 from jadapters.checks import check_positive_int
-from jadapters.configs import MethodConfig, Placed, check_options, register_method
+from jadapters.configs import MethodConfig, Placed, check_options, register_method, resolve_alias
 from jadapters.context import AdapterContext
 from jadapters.errors import AdapterError
 from jadapters.registry import register_adapter, register_strategy
-from jadapters.sites import EMBEDDINGS, EmbeddingSite, insert_ones
+from jadapters.sites import EMBEDDINGS, STYLES, EmbeddingSite, adapter_length, insert_ones, run_hooked
 from jadapters.strategies import AdapterFn, Strategy
 
 #: Initialisations: PEFT's ``"RANDOM"`` is N(0, 1) (``"normal"``); AdapterHub's ``"random_uniform"`` is U(-0.5, 0.5).
@@ -116,7 +115,7 @@ class PrependPrompt(Strategy):
             )
 
     def around(self, adapter: AdapterFn, call, ctx: AdapterContext) -> Any:
-        site, count = self.site, _length(adapter)
+        site, count = self.site, adapter_length(adapter)
         axis, at = site.sequence_axis, 0 if self.combine == "prefix" else 1
         args, kwargs = tuple(ctx.args), dict(ctx.kwargs)
         if site.mask is not None:
@@ -164,11 +163,11 @@ class PrependPrompt(Strategy):
             hooks.update({p: ids_as(jnp.zeros) for p in site.token_type_embeddings})
         else:
             hooks = {inserted: at_output if site.embeddings_argument is None else at_argument}
-        return _run_within(site, hooks, call, args, kwargs, ctx)
+        return run_hooked(site, hooks, call, args, kwargs, ctx, site.within)
 
 
 def _padding_mask(mask: Any, count: int, at: int) -> jax.Array:
-    """A ``(batch, keys)`` mask with the prompts' keys: attended to."""
+    """A ``(batch, keys)`` mask with entries for the prompts: every query attends to them."""
     return insert_ones(mask, count, at, (-1,))
 
 
@@ -226,7 +225,7 @@ class PromptTuningConfig(MethodConfig):
     prompt_init: str | None = None
 
     def __post_init__(self) -> None:
-        check_style(self.style)
+        check_options("prompt_tuning", [self.style], STYLES, "style")
         check_options("prompt_tuning", [self.combine], COMBINES, "combine")
         for name in ("prompt_tuning_init", "prompt_init"):
             value = getattr(self, name)
@@ -236,9 +235,9 @@ class PromptTuningConfig(MethodConfig):
 
     def adapter(self) -> PromptTuning:
         peft = self.style == "peft"
-        length = _resolve("num_virtual_tokens", self.num_virtual_tokens, "prompt_length", self.prompt_length,
+        length = resolve_alias("num_virtual_tokens", self.num_virtual_tokens, "prompt_length", self.prompt_length,
                           20 if peft else 10)
-        init = _resolve("prompt_tuning_init", self.prompt_tuning_init, "prompt_init", self.prompt_init,
+        init = resolve_alias("prompt_tuning_init", self.prompt_tuning_init, "prompt_init", self.prompt_init,
                         "RANDOM" if peft else "random_uniform")
         return PromptTuning(length=length, init_weights=PROMPT_INITS[init])
 
