@@ -17,16 +17,15 @@ from jadapters.adapters import (
     IA3,
     Bottleneck,
     IA3Config,
-    IA3Scale,
     LinearAdapter,
     LoRA,
     LoraConfig,
     MultiHeadAttentionAdapter,
-    PHMLayer,
+    PrefixTuning,
+    PromptTuning,
     VeRA,
     VeraConfig,
 )
-from jadapters.adapters.lora import residual_to_lora
 from jadapters.adapters.bottleneck import (
     BnConfig,
     CompacterConfig,
@@ -35,7 +34,8 @@ from jadapters.adapters.bottleneck import (
     ParBnConfig,
     SeqBnConfig,
 )
-from jadapters.blocks import ResidualBlock
+from jadapters.adapters.prefix import PrefixTuningConfig
+from jadapters.adapters.prompt import PromptTuningConfig
 from jadapters.checkpoint import (
     CheckpointError,
     adapter_checkpoint_manager,
@@ -68,38 +68,42 @@ __all__ = [
     "AdaptedModule",
     "AdapterSpec",
     "Preset",
-    "ResidualBlock",
     "list_modules",
     "adapter_summary",
-    # adapters and strategies
+    # adapters
     "LinearAdapter",
-    "LoRA",
     "MultiHeadAttentionAdapter",
+    "LoRA",
     "IA3",
     "VeRA",
-    # methods by config (PEFT's field names)
+    "Bottleneck",
+    "PromptTuning",
+    "PrefixTuning",
+    # methods by config (PEFT's and AdapterHub's field names)
     "LoraConfig",
     "IA3Config",
     "VeraConfig",
-    "residual_to_lora",
-    "Bottleneck",
-    "PHMLayer",
-    "Strategy",
-    "AdapterContext",
-    "ResidualAdd",
-    "ReturnResult",
-    "ParallelAdd",
-    "MHAResidualAdd",
-    "IA3Scale",
-    "register_adapter",
-    "register_strategy",
-    # methods by config (AdapterHub's bottleneck family)
     "BnConfig",
     "SeqBnConfig",
     "DoubleSeqBnConfig",
     "ParBnConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "PromptTuningConfig",
+    "PrefixTuningConfig",
+    # merging into the base
+    "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
+    # strategies
+    "Strategy",
+    "AdapterContext",
+    "ResidualAdd",
+    "ReturnResult",
+    "ParallelAdd",
+    "MHAResidualAdd",
+    "register_adapter",
+    "register_strategy",
     # training
     "make_train_step",
     "fit",
@@ -109,10 +113,6 @@ __all__ = [
     "adapter_optimizer",
     "sum_adapter_losses",
     "LOSS_COLLECTION",
-    # merging
-    "merge_adapters",
-    "unmerge_adapters",
-    "unload_adapters",
     # trees
     "split_adapters",
     "merge_trees",

@@ -198,3 +198,19 @@ def check_options(name: str, values: Sequence[Any], allowed: Sequence[Any], opti
     for value in values:
         if value not in allowed:
             raise ValueError(f"{name}: {option} must be one of {list(allowed)}, got {value!r}")
+
+
+def resolve_alias(name: str, value: Any, alias_name: str, alias: Any, default: Any) -> Any:
+    """A field given under either of two names (PEFT's and AdapterHub's), else ``default``; both given must agree.
+
+    Example:
+        >>> resolve_alias("num_virtual_tokens", None, "prefix_length", 4, 20)
+        4
+        >>> resolve_alias("num_virtual_tokens", 8, "prefix_length", 4, 20)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_virtual_tokens=8 and prefix_length=4 disagree; give one of them
+    """
+    if value is not None and alias is not None and value != alias:
+        raise ValueError(f"{name}={value!r} and {alias_name}={alias!r} disagree; give one of them")
+    return value if value is not None else alias if alias is not None else default

@@ -59,6 +59,7 @@ class AdapterContext:
     scope: Any = dataclasses.field(default=None, repr=False, compare=False)
     module: Any = dataclasses.field(default=None, repr=False, compare=False)
     session: Any = dataclasses.field(default=None, repr=False, compare=False)
+    changes_shape: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def where(self) -> str:
         """``"adapter 'name' at 'path'"``, the start of every error message about this call."""
@@ -130,13 +131,38 @@ class AdapterContext:
 
         ``hooks[relative_path](call, *args, **kwargs)`` replaces the call of the
         submodule ``path + '/' + relative_path``; ``call`` (a :class:`ChildCall`)
-        runs the submodule itself, and ``call.module`` is the submodule. This is how a strategy reaches inside the module it wraps, e.g.
-        to read one sublayer's output and change what another computes.
+        runs the submodule itself, and ``call.module`` is the submodule. This is
+        how a strategy reaches inside the module it wraps, e.g. to read one
+        sublayer's output and change what another computes. A hook must return
+        what the submodule returns, in shapes and dtypes, unless the strategy
+        declares ``changes_shape`` (prompt and prefix tuning).
         """
         if self.session is None:
             raise AdapterError(f"{self.where()}: intercept_children works only inside an adapted model's call")
+        if not self.changes_shape:
+            hooks = {relative: _shape_kept(self, relative, hook) for relative, hook in hooks.items()}
         with self.session.child_hooks(self.path, hooks):
             yield
+
+
+def _shape_kept(ctx: AdapterContext, relative: str, hook: ChildHook) -> ChildHook:
+    """``hook``, checked to return the submodule's own shapes and dtypes."""
+
+    def checked(call, *args, **kwargs):
+        values: list[Any] = []
+
+        def observed(*a, **k):
+            values.append(call(*a, **k))
+            return values[-1]
+
+        result = hook(observed, *args, **kwargs)
+        if values:
+            from jadapters.strategies import check_like  # strategies import this module
+
+            check_like(result, values[-1], ctx, what=f"its hook on the submodule {relative!r}")
+        return result
+
+    return checked
 
 
 def sum_adapter_losses(variables: Mapping[str, Any]) -> jax.Array:

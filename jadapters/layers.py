@@ -154,9 +154,10 @@ class LayerInfo:
 
 
 def _normalise_axes(axes: Any, ndim: int) -> tuple[int, ...]:
-    # The module's own order: DenseGeneral's kernel lists the contracted axes in that order.
+    # DenseGeneral sorts its contracted axes: its kernel lists them in increasing order, whatever order
+    # the module's ``axis`` field gives.
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(a % ndim - ndim for a in axes)
+    return tuple(sorted(a % ndim - ndim for a in axes))
 
 
 def _explicit_equation(equation: str, x_ndim: int) -> str:

@@ -9,7 +9,8 @@ role as a module name, so ``'value:name'`` puts an adapter on every value
 projection and methods place themselves without per-architecture code.
 
 Presets for Hugging Face's Flax BERT, GPT-2, T5 and ViT (``transformers<5``)
-ship here; a family of your own is a :class:`Preset` of a few lines.
+ship here; a family of your own is a :class:`Preset` of a few lines. Sites
+(:mod:`jadapters.sites`) say what prompt and prefix tuning need to know.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from jadapters.blocks import ResidualBlock
 from jadapters.errors import AdapterError
 from jadapters.naming import Target, normalize_targets
+from jadapters.sites import ATTENTION, EMBEDDINGS, AttentionSite, EmbeddingSite, MaskArgument
 
 QUERY, KEY, VALUE, QKV = "query", "key", "value", "qkv"
 ATTENTION_OUTPUT = "attention_output"
@@ -29,7 +31,7 @@ EMBEDDINGS = "embeddings"
 #: The roles adapter methods may ask for.
 ROLES = (QUERY, KEY, VALUE, QKV, ATTENTION_OUTPUT, FFN_INTERMEDIATE, FFN_OUTPUT, EMBEDDINGS)
 
-#: Sites (:class:`jadapters.ResidualBlock`) of the sub-blocks where bottleneck adapters go: the
+#: Sites (:class:`jadapters.blocks.ResidualBlock`) of the sub-blocks where bottleneck adapters go: the
 #: self-attention, a decoder's cross-attention, and the feed-forward.
 ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK = "attention_block", "cross_attention_block", "ffn_block"
 
@@ -102,6 +104,14 @@ HF_BERT = Preset.make(
         # Post-LN: dense -> dropout -> LayerNorm(h + input_tensor), input_tensor the second argument.
         ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/attention/output", "dropout", layer_norm="LayerNorm"),
         FFN_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/output", "dropout", layer_norm="LayerNorm"),
+        ATTENTION: AttentionSite("attention/self", mask=MaskArgument("attention_mask", 1)),
+        EMBEDDINGS: EmbeddingSite(
+            word_embeddings="embeddings/word_embeddings",
+            position_embeddings=("embeddings/position_embeddings",),
+            token_type_embeddings=("embeddings/token_type_embeddings",),
+            embeddings="embeddings",
+            mask=MaskArgument("attention_mask", 1),
+        ),
     },
 )
 
@@ -121,6 +131,9 @@ HF_VIT = Preset.make(
         # Pre-LN: the layer adds its input to the attention's output; ViTOutput adds its second argument.
         ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}", "attention", hidden_index=0, residual="layernorm_before"),
         FFN_BLOCK: ResidualBlock(r"re:(.*/)?layer/{layer}/output", "dropout"),
+        # The layer reshapes its projections by its input's length: the prefix enters as rows.
+        ATTENTION: AttentionSite("attention/attention", pad_queries=True, output=0),
+        EMBEDDINGS: EmbeddingSite(embeddings="embeddings"),
     },
 )
 
@@ -138,6 +151,16 @@ HF_GPT2 = Preset.make(
         # Pre-LN: both sub-blocks are in the block; x is what its ln_1 / ln_2 normalise.
         ATTENTION_BLOCK: ResidualBlock(r"re:(.*/)?h/{layer}", "attn", hidden_index=0, residual="ln_1"),
         FFN_BLOCK: ResidualBlock(r"re:(.*/)?h/{layer}", "mlp", residual="ln_2"),
+        # Fused q|k|v and a causal mask cut from the query and key lengths: the prefix enters as
+        # rows, so every token sees all of it.
+        ATTENTION: AttentionSite("attn", qkv="c_attn", mask=MaskArgument("attention_mask", 2), pad_queries=True, output=0),
+        EMBEDDINGS: EmbeddingSite(
+            word_embeddings="transformer/wte",
+            position_embeddings=("transformer/wpe",),
+            embeddings="transformer/h",
+            embeddings_argument=0,
+            mask=MaskArgument("attention_mask", 1),
+        ),
     },
 )
 
@@ -161,6 +184,10 @@ HF_T5 = Preset.make(
             [r"re:(.*/)?encoder/block/{layer}/layer/1", r"re:(.*/)?decoder/block/{layer}/layer/2"], "dropout",
             residual="layer_norm",
         ),
+        # The encoder's prompts; the decoder's cross-attention sees them through the same mask.
+        # (Prefix tuning: Flax T5 derives its relative position bias and causal mask from the
+        # key length inside the layer and hands the masked bias on; no attention site yet.)
+        EMBEDDINGS: EmbeddingSite(word_embeddings="shared", within="encoder", mask=MaskArgument("attention_mask", 1)),
     },
 )
 

@@ -410,6 +410,11 @@ class _AdapterCall:
     def __init__(self, adapter: nn.Module, ctx: AdapterContext, training: bool):
         self._adapter, self._ctx, self._training = adapter, ctx, training
 
+    @property
+    def module(self) -> nn.Module:
+        """The bound adapter module, e.g. to read its fields before calling it."""
+        return self._adapter
+
     def accepts(self, argument: str) -> bool:
         """Whether the adapter's ``__call__`` takes ``argument`` (e.g. ``'layer'``)."""
         return argument in _call_parameters(type(self._adapter))
@@ -499,9 +504,10 @@ class _Session:
     def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
         scope = module.scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True)
         training = self.adapted.training
-        ctx = AdapterContext(spec.name, path, training, args, kwargs, scope=scope, module=module, session=self)
-        adapter = _AdapterCall(spec.adapter.clone(parent=scope), ctx, training)
         strategy = spec.strategy
+        ctx = AdapterContext(spec.name, path, training, args, kwargs, scope=scope, module=module, session=self,
+                             changes_shape=strategy.changes_shape)
+        adapter = _AdapterCall(spec.adapter.clone(parent=scope), ctx, training)
         if strategy.changes_shape:
             return strategy.around(adapter, call, ctx)
         values: list[Any] = []

@@ -12,7 +12,9 @@ import pytest
 from flax import traverse_util
 
 import jadapters
-from jadapters import Bottleneck, PHMLayer, Preset, ResidualBlock
+from jadapters import Bottleneck, Preset
+from jadapters.adapters.bottleneck import PHMLayer
+from jadapters.blocks import ResidualBlock
 from jadapters.adapters.bottleneck import CONSTANTS, PHMRule
 from jadapters.blocks import InResidualBlock
 from jadapters.configs import parse_method

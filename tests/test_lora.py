@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jadapters as ja
+from jadapters.adapters.lora import residual_to_lora
 from jadapters.configs import parse_method
 
 
@@ -80,7 +81,8 @@ def test_every_layer_kind_merges_to_its_own_forward(layers, adapter):
     assert float(jnp.abs(out - model.apply(params, IDS)).max()) > 1e-2
     merged_model, merged = ja.merge_adapters(adapted, variables, IDS)
     assert merged_model is adapted.model
-    np.testing.assert_allclose(merged_model.apply(merged, IDS), out, atol=1e-5, rtol=0)
+    # Outputs reach |70| through seven layers: 1e-5 absolute, or float32's rounding of such values.
+    np.testing.assert_allclose(merged_model.apply(merged, IDS), out, atol=1e-5, rtol=2e-6)
 
 
 def test_the_conv1d_kernel_layout_is_read_as_out_in(layers):
@@ -222,7 +224,9 @@ def test_residual_inits_replace_only_the_targeted_weights_and_start_as_the_base(
     assert variables["params"]["other"]["kernel"] is params["params"]["other"]["kernel"]
     lora = variables["params"]["fc"]["__adapters__"]["x"]
     residual = variables["params"]["fc"]["kernel"]
-    np.testing.assert_allclose(residual + lora["lora_a"]["kernel"] @ lora["lora_b"]["kernel"], kept, atol=1e-5)
+    scaling = 8 / 2  # PEFT's lora_alpha=8 over r=2
+    np.testing.assert_allclose(residual + scaling * lora["lora_a"]["kernel"] @ lora["lora_b"]["kernel"], kept,
+                               atol=1e-5)
     assert float(jnp.abs(residual - kept).max()) > 0.1
     np.testing.assert_allclose(adapted.apply(variables, x), model.apply(params, x), atol=1e-5)
     # Adapters already present are kept, and the residual is not taken twice.
@@ -230,7 +234,7 @@ def test_residual_inits_replace_only_the_targeted_weights_and_start_as_the_base(
     np.testing.assert_array_equal(again["params"]["fc"]["kernel"], residual)
     # Trained, then converted: a plain LoRA of rank 4 on the original weights, same model.
     trained = moved(variables)
-    plain, converted = ja.residual_to_lora(adapted, trained, variables, params)
+    plain, converted = residual_to_lora(adapted, trained, variables, params)
     assert plain.get_adapter("x").adapter.rank == 4 and plain.get_adapter("x").adapter.init_weights == "default"
     np.testing.assert_array_equal(converted["params"]["fc"]["kernel"], kept)
     np.testing.assert_allclose(plain.apply(converted, x), adapted.apply(trained, x), atol=1e-5)
@@ -253,7 +257,7 @@ def test_residual_inits_inside_nn_scan_take_each_layers_own_residual():
     assert kernel.shape == original.shape == (2, 24, 16)
     for layer in range(2):
         a, b = lora["lora_a"]["kernel"][layer], lora["lora_b"]["kernel"][layer]
-        np.testing.assert_allclose(kernel[layer] + a @ b, original[layer], atol=1e-5)
+        np.testing.assert_allclose(kernel[layer] + (8 / 2) * a @ b, original[layer], atol=1e-5)
     np.testing.assert_allclose(adapted.apply(variables, ids), model.apply(params, ids), atol=1e-5)
 
 
@@ -275,9 +279,8 @@ def test_lora_on_a_grouped_conv_is_peft_s_and_cannot_merge():
 
 def test_lora_configs_by_name_and_their_errors():
     assert parse_method("dora[r=4]") == ja.LoraConfig(r=4, use_dora=True)
-    config = parse_method("lora[r=4,bias='lora_only',lora_bias=True,init_lora_weights='OLoRA']")
-    with pytest.raises(ValueError, match="lora_bias=True needs the default"):
-        config.adapter()
+    with pytest.raises(ValueError, match="lora_bias=True needs the default"):  # checked when the config is made
+        parse_method("lora[r=4,bias='lora_only',lora_bias=True,init_lora_weights='OLoRA']")
     assert parse_method("lora[init_lora_weights='pissa']").adapter().rewrites_base
     assert ja.LoraConfig(rank_pattern={"layer.1.value": 6}).adapter().rank_and_alpha("enc/layer/1/value") == (6, 8.0)
     with pytest.raises(ja.AdapterError, match="bias='all' trains every bias of the model in PEFT"):

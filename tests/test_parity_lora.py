@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 import reference  # noqa: E402
 
 import jadapters as ja  # noqa: E402
+from jadapters.adapters.lora import residual_to_lora  # noqa: E402
 from jadapters.adapters.vera import VERA_COLLECTION  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("parity_lora")
@@ -179,7 +180,7 @@ def test_peft_pissa_and_olora(bert, name):
 
     # ... and converts to PEFT's rank-2r adapter exactly.
     initial_peft = ja.merge_trees(residual_base, peft_initial)
-    plain, plain_variables = ja.residual_to_lora(adapted, trained, initial_peft, base)
+    plain, plain_variables = residual_to_lora(adapted, trained, initial_peft, base)
     assert plain.get_adapter("a").adapter.rank == 8 and plain.get_adapter("a").config.r == 8
     got, _ = ja.split_adapters(plain_variables)
     want, _ = ja.split_adapters(ja.merge_trees(base, load("adapter")))

@@ -197,3 +197,40 @@ def test_mha_strategy_adds_attention_over_the_value_and_reads_the_mask():
     chex.assert_trees_all_close(model.apply(variables, x, mask=mask), expected, rtol=1e-5)
     with pytest.raises(ja.AdapterError, match="adapter 'mha' at '': the intercepted call has no argument 'mask'"):
         model.apply(variables, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleChild(ja.Strategy):
+    """Reaches inside the module it wraps: scales one submodule's output (or, with ``grow``, lengthens it)."""
+
+    child: str = "dense"
+    grow: bool = False
+
+    def around(self, adapter, call, ctx):
+        def hook(call_, *args, **kwargs):
+            out = call_(*args, **kwargs)
+            return jnp.concatenate([out, out], axis=-1) if self.grow else 2.0 * out
+
+        with ctx.intercept_children({self.child: hook}):
+            return call(*ctx.args, **ctx.kwargs)
+
+
+class Outer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="dense")(x).sum(axis=-1)
+
+
+def test_a_strategy_reaches_into_submodules_and_must_keep_their_shapes():
+    x = jnp.ones((2, 3))
+    base = Outer().init(jax.random.key(0), x)
+    adapted = ja.with_adapters(Outer(), {"outer": ""})
+
+    def run(strategy):
+        model = adapted.add_adapter("a", ja.LinearAdapter(2), strategy=strategy)
+        return model.apply(ja.init_adapters(model, base, jax.random.key(1), x), x)
+
+    chex.assert_trees_all_close(run(ScaleChild()), 2.0 * Outer().apply(base, x))
+    with pytest.raises(ja.AdapterError, match=r"adapter 'a' at '': its hook on the submodule 'dense' has \(shape, "
+                                              r"dtype\) \(\(2, 8\), 'float32'\), but the hooked value has \(\(2, 4\)"):
+        run(ScaleChild(grow=True))

@@ -10,7 +10,7 @@ the caller passes in, where ``down`` and ``up`` are Dense layers or
 ``"par_bn"``, ``"scaled_par_bn"``, ``"compacter"``, ``"compacter++"``, and the
 old names ``"pfeiffer"`` and ``"houlsby"``) take AdapterHub's field names and
 place the adapter inside the model's attention and feed-forward sub-blocks
-through the preset's sites (:class:`jadapters.ResidualBlock`), where
+through the preset's sites (:class:`jadapters.blocks.ResidualBlock`), where
 :class:`jadapters.blocks.InResidualBlock` runs it as AdapterHub does.
 
 Initialisation follows AdapterHub, so most configurations are NOT zero at

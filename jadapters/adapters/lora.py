@@ -266,8 +266,9 @@ class LoRA(nn.Module):
         has_bias = layer.kind != EMBED and layer.module.has_variable("params", "bias")
         if reuse_output:
             base = output
-        else:  # PEFT's dropout path: the layer recomputed on the dropped input (its adapters do not run again)
-            base = layer.module(x)
+        else:  # PEFT's dropout path: the layer recomputed on the dropped input. A detached copy: calling
+            # the bound layer again from inside its own call would re-enter it (and its adapters).
+            base = layer.module.clone(parent=None).apply({"params": layer.module.variables["params"]}, x)
         if has_bias:
             base = base - layer.output_vector(layer.module.get_variable("params", "bias").reshape(-1), base.ndim)
         scale = layer.output_vector(scale, delta.ndim)

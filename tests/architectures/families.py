@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 VOCAB, D, HEADS, FF = 37, 16, 2, 24
+MAX_LENGTH = 16  # learned absolute positions (GPT)
 
 
 class AddNorm(nn.Module):
@@ -73,7 +74,7 @@ class GPTBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-style causal decoder whose layers are ``nn.scan(nn.remat(GPTBlock))``.
+    """A GPT-style causal decoder whose layers are ``nn.scan(nn.remat(GPTBlock))``, with learned positions.
 
     The scan carries the ``adapter_losses`` collection along the layer axis,
     as any collection written inside a scan must be, and splits the dropout
@@ -85,7 +86,7 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, ids, deterministic: bool = True):
         x = nn.Embed(VOCAB, D, name="wte")(ids)
-        x = x + self.param("wpe", nn.initializers.normal(0.02), (ids.shape[1], D))
+        x = x + nn.Embed(MAX_LENGTH, D, name="wpe")(jnp.arange(ids.shape[1]))
         layers = nn.scan(
             nn.remat(GPTBlock),
             variable_axes={"params": 0, "adapter_losses": 0},

@@ -4,11 +4,19 @@ A :class:`Method` knows where its adapters go on a family (through the
 family's roles) and how to configure two of them, ``variant`` 0 and 1, so the
 matrix can enable one and disable the other. Adding a method to the matrix is
 adding a subclass to :data:`METHODS`.
+
+Methods that are not identity at init (prompt and prefix tuning) say so with
+``identity_at_init = False``; the matrix then relies on its other check of the
+base (bitwise equal with the adapters disabled). A method that adds positions
+to the output maps the adapted output back to the base's positions with
+:meth:`Method.to_base` for the comparisons that need it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax.numpy as jnp
 
 import jadapters
 from jadapters import AdaptedModule
@@ -28,9 +36,19 @@ class Method:
     mergeable: bool = False
     #: How close to the base's output the model is at init (XLA's fusions round differently).
     init_tolerance: float = 1e-6
+    #: Whether the adapters start as the identity (prompts and prefixes start random, as in PEFT).
+    identity_at_init: bool = True
 
     def applies(self, family: Family) -> bool:
         return True
+
+    def to_base(self, output, base_output, family: Family):
+        """The (primary) adapted output at the base output's positions; most methods keep them."""
+        return output
+
+    def runs_without_params(self, family: Family) -> tuple[str, ...]:
+        """Module paths where adapter 'a' also runs (once per call) but keeps no params."""
+        return ()
 
     def add(self, adapted: AdaptedModule, family: Family, name: str, variant: int) -> AdaptedModule:
         raise NotImplementedError
@@ -183,4 +201,72 @@ BOTTLENECK_METHODS = (
                      families=("gpt",)),
 )
 
-METHODS = (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod()) + BOTTLENECK_METHODS
+
+def _sites(family):
+    return dict(family.preset.sites)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningMethod(Method):
+    """Prompt tuning: PEFT's style where the family names its token embedding, else AdapterHub's;
+    the other style (or a shorter prompt) for the disabled adapter. After a ViT's class token."""
+
+    name: str = "prompt_tuning"
+    identity_at_init: bool = False
+
+    def applies(self, family):
+        return "embeddings" in _sites(family)
+
+    def config(self, family, variant):
+        site = _sites(family)["embeddings"]
+        styles = [s for s, ok in (("peft", site.word_embeddings), ("adapterhub", site.embeddings)) if ok]
+        style = styles[variant % len(styles)]
+        combine = "prefix_after_bos" if "vit" in family.name else "prefix"
+        return jadapters.PromptTuningConfig(num_virtual_tokens=3 - variant, style=style, combine=combine)
+
+    def add(self, adapted, family, name, variant):
+        return adapted.add_adapter(name, self.config(family, variant))
+
+    #: Families whose primary output is not per input position: a classifier's, T5's decoder logits.
+    same_shape: tuple[str, ...] = ("vit", "hf_t5")
+
+    def to_base(self, output, base_output, family):
+        config = self.config(family, 0)
+        count = config.adapter().length
+        if family.name in self.same_shape:
+            assert output.shape == base_output.shape, (output.shape, base_output.shape)
+            return output
+        assert output.shape[1] == base_output.shape[1] + count, (output.shape, base_output.shape)
+        at = 0 if config.combine == "prefix" else 1
+        return jnp.concatenate([output[:, :at], output[:, at + count :]], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningMethod(Method):
+    """Prefix tuning: PEFT's style, trained through the reparametrisation MLP (and shifting positions
+    where the family has position embeddings); AdapterHub's flat prefix for the disabled adapter."""
+
+    name: str = "prefix_tuning"
+    identity_at_init: bool = False
+
+    def applies(self, family):
+        return "attention" in _sites(family)
+
+    def add(self, adapted, family, name, variant):
+        if variant == 0:
+            config = jadapters.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8)
+        else:
+            config = jadapters.PrefixTuningConfig(prefix_length=2, style="adapterhub", flat=True)
+        return adapted.add_adapter(name, config)
+
+    def runs_without_params(self, family):
+        site = _sites(family).get("embeddings")
+        shifts = site is not None and (site.position_embeddings or site.token_type_embeddings)
+        return (site.module,) if shifts else ()
+
+
+METHODS = (
+    (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod())
+    + BOTTLENECK_METHODS
+    + (PromptTuningMethod(), PrefixTuningMethod())
+)

@@ -2,7 +2,8 @@
 
 Each :class:`Family` declares its roles as a :class:`jadapters.Preset` (the
 Hugging Face ones use the presets that ship with jadapters), which methods ask
-for by name. Models are tiny and built once per test session.
+for by name, and the sites prompt and prefix tuning need
+(:mod:`jadapters.sites`). Models are tiny and built once per test session.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 import jadapters
-from jadapters import ResidualBlock
+from jadapters.blocks import ResidualBlock
 from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset
+from jadapters.sites import AttentionSite, EmbeddingSite, MaskArgument
 
 from architectures import families as own
 
@@ -120,6 +122,11 @@ BERT = Family(
             "layers": "layer_*",
         },
         global_roles=["ffn_output"],
+        sites={
+            "attention": AttentionSite("attention", mask=MaskArgument("mask", kind="attention")),
+            # Positions are a parameter as long as the input: prompts only after the embeddings.
+            "embeddings": EmbeddingSite(embeddings="embeddings_norm", mask=MaskArgument("padding", 1)),
+        },
     ),
     lora_roles=("query", "value", "embeddings"),
     mha=("layers", None),
@@ -147,6 +154,9 @@ GPT = Family(
         sites={  # one scanned block holds both sub-blocks; no layer numbers
             ATTENTION_BLOCK: ResidualBlock("layers", "attention", residual="ln_1"),
             FFN_BLOCK: ResidualBlock("layers", "Dropout_0", residual="ln_2"),
+            "attention": AttentionSite("layers/attention", mask=MaskArgument("mask", 1, kind="attention")),
+            # The causal mask comes from the sequence length inside each block: no mask argument.
+            "embeddings": EmbeddingSite(word_embeddings="wte", position_embeddings=("wpe",)),
         },
     ),
     mha=("attention", None),
@@ -170,6 +180,12 @@ T5 = Family(
             "embeddings": "shared",
         },
         global_roles=["ffn_output"],
+        # No embedding site: encode() builds its masks from the token ids, so prompts have no
+        # mask to extend.
+        sites={
+            "attention": AttentionSite("self_attention", mask=MaskArgument("mask", kind="attention")),
+            "cross_attention": AttentionSite("cross_attention", mask=MaskArgument("mask", kind="attention")),
+        },
     ),
 )
 
@@ -191,6 +207,10 @@ VIT = Family(
             "embeddings": "patch_embed",
         },
         global_roles=["ffn_output"],
+        sites={
+            "attention": AttentionSite("attention"),
+            "embeddings": EmbeddingSite(embeddings="block_0", embeddings_argument=0),
+        },
     ),
     lora_roles=("query", "value", "embeddings"),
     float_inputs=(0,),
