@@ -1,10 +1,12 @@
-"""The benchmark models: NeMo tutorial's SimpleModel, and its twin with a LinearAdapter
-written inline by hand (the baseline jadapters must match)."""
+"""The benchmark models: NeMo tutorial's SimpleModel, its twin with a LinearAdapter
+written inline by hand (the baseline jadapters must match), and the matrix's
+GPT-style family at benchmark size."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jadapters.adapters.linear import torch_linear_init
 from jadapters.tree import ADAPTERS_KEY
@@ -106,3 +108,49 @@ def join_inline(base, adapter):
 def tree_bytes(tree) -> int:
     """Bytes of all array leaves of a pytree."""
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+class GPTBlock(nn.Module):
+    """A pre-LayerNorm decoder block with the matrix's GPT-style names (attention, fc_in, fc_out, ln_1, ln_2)."""
+
+    heads: int
+    ff: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        dim = x.shape[-1]
+        causal = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        h = nn.SelfAttention(self.heads, qkv_features=dim, deterministic=True, name="attention")(
+            nn.LayerNorm(name="ln_1")(x), mask=causal
+        )
+        x = x + h
+        h = nn.gelu(nn.Dense(self.ff, name="fc_in")(nn.LayerNorm(name="ln_2")(x)))
+        h = nn.Dense(dim, name="fc_out")(h)
+        h = nn.Dropout(0.0)(h, deterministic=True)
+        return x + h, None
+
+
+class GPTLM(nn.Module):
+    """The matrix's GPT-style family (``nn.scan(nn.remat(block))``, learned positions) at benchmark size.
+
+    ``offset`` is added to the embeddings: the input-gradient floor differentiates w.r.t. it.
+    """
+
+    vocab: int
+    dim: int
+    heads: int
+    ff: int
+    layers: int
+    max_length: int
+
+    @nn.compact
+    def __call__(self, ids, offset=None):
+        x = nn.Embed(self.vocab, self.dim, name="wte")(ids)
+        x = x + nn.Embed(self.max_length, self.dim, name="wpe")(jnp.arange(ids.shape[1]))
+        if offset is not None:
+            x = x + offset
+        blocks = nn.scan(
+            nn.remat(GPTBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers
+        )
+        x, _ = blocks(self.heads, self.ff, name="layers")(x, None)
+        return nn.Dense(self.vocab, name="lm_head")(nn.LayerNorm(name="ln_f")(x))

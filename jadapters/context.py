@@ -151,11 +151,11 @@ def _shape_kept(ctx: AdapterContext, relative: str, hook: ChildHook) -> ChildHoo
     def checked(call, *args, **kwargs):
         values: list[Any] = []
 
-        def observed(*a, **k):
+        def record(*a, **k):
             values.append(call(*a, **k))
             return values[-1]
 
-        result = hook(observed, *args, **kwargs)
+        result = hook(ChildCall(record, call.module), *args, **kwargs)
         if values:
             from jadapters.strategies import check_like  # strategies import this module
 

@@ -81,8 +81,8 @@ def test_every_layer_kind_merges_to_its_own_forward(layers, adapter):
     assert float(jnp.abs(out - model.apply(params, IDS)).max()) > 1e-2
     merged_model, merged = ja.merge_adapters(adapted, variables, IDS)
     assert merged_model is adapted.model
-    # Outputs reach |70| through seven layers: 1e-5 absolute, or float32's rounding of such values.
-    np.testing.assert_allclose(merged_model.apply(merged, IDS), out, atol=1e-5, rtol=2e-6)
+    # Outputs reach |70| through seven layers: float32's rounding at that scale (1e-6 of it) is the tolerance.
+    np.testing.assert_allclose(merged_model.apply(merged, IDS), out, atol=1e-6 * float(jnp.abs(out).max()), rtol=0)
 
 
 def test_the_conv1d_kernel_layout_is_read_as_out_in(layers):
@@ -283,7 +283,7 @@ def test_lora_configs_by_name_and_their_errors():
         parse_method("lora[r=4,bias='lora_only',lora_bias=True,init_lora_weights='OLoRA']")
     assert parse_method("lora[init_lora_weights='pissa']").adapter().rewrites_base
     assert ja.LoraConfig(rank_pattern={"layer.1.value": 6}).adapter().rank_and_alpha("enc/layer/1/value") == (6, 8.0)
-    with pytest.raises(ja.AdapterError, match="bias='all' trains every bias of the model in PEFT"):
+    with pytest.raises(ValueError, match="bias='all' trains every bias of the model in PEFT"):
         parse_method("lora[bias='all']")
     with pytest.raises(ValueError, match="init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora'"):
         ja.LoraConfig(init_lora_weights="loftq")

@@ -177,7 +177,9 @@ class LoRA(nn.Module):
         if self.bias != "none":
             base_bias = _module_param(layer, "bias", "bias='lora_only'")
             bias = self.param("bias", lambda *_: base_bias.astype(self.param_dtype), base_bias.shape, self.param_dtype)
-            result = result + layer.output_vector((bias - base_bias).reshape(-1), result.ndim).astype(result.dtype)
+            # The difference is in the bias's own layout (an Einsum's follows its output axes, not its kernel's).
+            broadcast = layer.output_vector(jnp.zeros(layer.out_features), result.ndim).shape
+            result = result + (bias - base_bias).reshape(broadcast).astype(result.dtype)
         return result
 
     # ------------------------------------------------------------------ forward pieces
@@ -306,11 +308,11 @@ class LoRA(nn.Module):
             merged[name] = layer.matrix_kernel(matrix, params[name].shape).astype(params[name].dtype)
         else:
             merged[name] = params[name] + _kernel_update(update, layer, params[name])
+        if self.lora_bias and "bias" not in params:
+            raise AdapterError(f"LoRA at {layer.path!r}: lora_bias=True cannot merge into a layer without a bias")
         bias_delta = self._bias_delta(variables["params"], layer, scaling, original)
         if bias_delta is not None:
-            if "bias" not in params:
-                raise AdapterError(f"LoRA at {layer.path!r}: lora_bias=True cannot merge into a layer without a bias")
-            merged["bias"] = params["bias"] + bias_delta.reshape(params["bias"].shape).astype(params["bias"].dtype)
+            merged["bias"] = params["bias"] + bias_delta.astype(params["bias"].dtype)
         return merged
 
     @nn.nowrap
@@ -338,18 +340,24 @@ class LoRA(nn.Module):
         restored[name] = params[name] - _kernel_update(update, layer, params[name])
         bias_delta = self._bias_delta(variables["params"], layer, scaling, params)
         if bias_delta is not None:
-            restored["bias"] = params["bias"] - bias_delta.reshape(params["bias"].shape).astype(params["bias"].dtype)
+            restored["bias"] = params["bias"] - bias_delta.astype(params["bias"].dtype)
         return restored
 
     @nn.nowrap
     def _bias_delta(self, p: Mapping[str, Any], layer: LayerInfo, scaling: float, original: Mapping[str, Any]):
+        """What this adapter adds to the layer's bias, in the bias's layout (None: nothing)."""
         delta = None
         if self.bias != "none":
-            delta = (p["bias"] - original["bias"]).reshape(-1).astype(jnp.float32)
+            delta = (p["bias"] - original["bias"]).astype(jnp.float32)
         if self.lora_bias:
-            lora_b = scaling * p["lora_b"]["bias"].reshape(-1).astype(jnp.float32)
+            lora_b = _as_bias(scaling * p["lora_b"]["bias"].reshape(-1).astype(jnp.float32), layer, original["bias"])
             delta = lora_b if delta is None else delta + lora_b
         return delta
+
+
+def _as_bias(delta: jax.Array, layer: LayerInfo, bias: jax.Array) -> jax.Array:
+    """A per-output-feature vector in the layer's bias layout (an Einsum orders its bias as its output)."""
+    return layer.output_vector(delta, bias.ndim).reshape(bias.shape)
 
 
 def lora_update(p: Mapping[str, Any], layer: LayerInfo) -> jax.Array:

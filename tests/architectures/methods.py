@@ -36,6 +36,8 @@ class Method:
     mergeable: bool = False
     #: How close to the base's output the model is at init (XLA's fusions round differently).
     init_tolerance: float = 1e-6
+    #: How far moved adapters must move a bfloat16 base's output (bfloat16 keeps ~3 significant digits).
+    bf16_change: float = 1e-2
     #: Whether the adapters start as the identity (prompts and prefixes start random, as in PEFT).
     identity_at_init: bool = True
 
@@ -110,10 +112,21 @@ class DoRAMethod(Method):
     # to a float32 ulp, not exactly, and two scanned layers amplify that to ~1e-6.
     init_tolerance: float = 1e-5
 
+    def applies(self, family):
+        return family.name in LORA_VARIANT_FAMILIES
+
     def add(self, adapted, family, name, variant):
         config = jadapters.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=family.lora_roles,
                                       use_rslora=variant == 1)
         return adapted.add_adapter(name, config)
+
+
+#: Where LoRA's variants (DoRA, IA3, VeRA) run. They join a layer as LoRA does (ParallelAdd, sized by
+#: the layer), and LoRA runs on every family; these families hold every layer kind and structure
+#: that sizing and merging treat apart: multi-head DenseGeneral and Embed (bert), nn.scan (gpt),
+#: Conv1D's (out, in) kernel (hf_gpt2), Conv (resnet), setup-style encoder-decoder (hf_t5), fused
+#: attention reshapes (hf_bert). A matrix case costs seconds of compilation; the suite must stay short.
+LORA_VARIANT_FAMILIES = ("bert", "gpt", "hf_gpt2", "resnet", "hf_t5", "hf_bert")
 
 
 def _declared(family: Family, roles) -> tuple[str, ...]:
@@ -128,6 +141,13 @@ class IA3Method(Method):
 
     name: str = "ia3"
     mergeable: bool = True
+    # Scalings of 1 +- 0.2 on Hugging Face's BERT (initializer_range 0.02) move its output by ~2e-3.
+    bf16_change: float = 1e-3
+
+    def applies(self, family):
+        # Not hf_vit: its tiny attention logits (~1e-4, initializer_range 0.02) give a key scaling a
+        # gradient of ~1e-14, which Adam's epsilon turns into no change at all.
+        return family.name in LORA_VARIANT_FAMILIES
 
     def add(self, adapted, family, name, variant):
         roles = _declared(family, ("key", "value", "ffn_output")) or family.lora_roles
@@ -144,7 +164,7 @@ class VeRAMethod(Method):
     mergeable: bool = True
 
     def applies(self, family):
-        return bool(_declared(family, ("query", "value")) or _declared(family, ("qkv",)))
+        return family.name in LORA_VARIANT_FAMILIES and bool(_declared(family, ("query", "value", "qkv")))
 
     def add(self, adapted, family, name, variant):
         roles = _declared(family, ("query", "value")) or ("qkv",)
