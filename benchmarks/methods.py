@@ -42,7 +42,7 @@ from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset  # noqa: E402
 from jadapters.sites import AttentionSite, EmbeddingSite, MaskArgument  # noqa: E402
 
 SIZE = dict(vocab=1024, dim=128, heads=4, ff=512, layers=4, max_length=64)
-BATCH, LENGTH, LR = 8, 64, 1e-3
+BATCH, LENGTH, LR = 16, 64, 1e-3
 
 PRESET = Preset.make(
     "gpt_benchmark",

@@ -301,3 +301,21 @@ def test_embedding_lora_refuses_biases_and_residual_inits():
         adapted = ja.with_adapters(embed, {"e": ""}).add_adapter("x", adapter)
         with pytest.raises(ja.AdapterError, match=message):
             ja.init_adapters(adapted, params, jax.random.key(1), IDS)
+
+
+def test_a_vera_checkpoint_holds_the_seed_and_the_vectors_not_the_projections(tmp_path):
+    """The frozen projections are regenerated from projection_prng_key: saved, only d and b per layer."""
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    base = nn.Dense(4)
+    params = base.init(jax.random.key(1), x)
+    adapted = ja.with_adapters(base, {"d": ""}).add_adapter("v", ja.VeraConfig(r=3, target_modules="d",
+                                                                               projection_prng_key=7))
+    variables = moved(ja.init_adapters(adapted, params, jax.random.key(2), x))
+    adapter_leaves = jax.tree_util.tree_leaves(ja.split_adapters(variables)[0])
+    assert sorted(leaf.shape for leaf in adapter_leaves) == [(3,), (4,)]  # lambda_d (r,), lambda_b (out,)
+    ja.save_adapters(tmp_path / "vera", adapted, variables)
+    loaded, loaded_vars = ja.load_adapters(tmp_path / "vera", ja.with_adapters(base, {"d": ""}), params)
+    assert loaded.get_adapter("v").config.projection_prng_key == 7
+    np.testing.assert_array_equal(loaded.apply(loaded_vars, x), adapted.apply(variables, x))
+    other = ja.with_adapters(base, {"d": ""}).add_adapter("v", ja.VeraConfig(r=3, target_modules="d"))
+    assert float(jnp.abs(other.apply(variables, x) - adapted.apply(variables, x)).max()) > 1e-3  # another seed
