@@ -530,14 +530,20 @@ class LoraConfig(MethodConfig):
                     use_dora=self.use_dora, bias=self.bias, lora_bias=self.lora_bias)
 
     def place(self, placement: Any, where: tuple[str, ...] | None = None) -> Placed:
-        if where is not None:
-            return Placed((), where, self.adapter(), ParallelAdd())
-        if self.target_modules is None:
-            roles, targets = resolve_roles(placement, default_lora_roles(placement), self.method, roles_only=True)
-        else:
-            entries = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
-            roles, targets = resolve_roles(placement, entries, self.method, roles_only=False)
-        return Placed(roles, targets, self.adapter(), ParallelAdd())
+        return place_on_layers(self, placement, where)
+
+
+def place_on_layers(config: Any, placement: Any, where: tuple[str, ...] | None) -> Placed:
+    """Where a LoRA-like config (``target_modules``, ``adapter()``) goes: on ``where`` if given, else on
+    its ``target_modules`` (roles, names or paths), else on the preset's default LoRA roles."""
+    if where is not None:
+        return Placed((), where, config.adapter(), ParallelAdd())
+    if config.target_modules is None:
+        roles, targets = resolve_roles(placement, default_lora_roles(placement), config.method, roles_only=True)
+    else:
+        entries = (config.target_modules,) if isinstance(config.target_modules, str) else config.target_modules
+        roles, targets = resolve_roles(placement, entries, config.method, roles_only=False)
+    return Placed(roles, targets, config.adapter(), ParallelAdd())
 
 
 @register_method("dora")

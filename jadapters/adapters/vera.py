@@ -40,8 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jadapters.adapters.lora import place_on_layers
 from jadapters.checks import check_dropout, check_finite, check_positive_int
-from jadapters.configs import MethodConfig, Placed, register_method, resolve_roles
+from jadapters.configs import MethodConfig, Placed, register_method
 from jadapters.errors import AdapterError
 from jadapters.layers import CONV, EMBED, LayerInfo
 from jadapters.registry import register_adapter
@@ -237,13 +238,4 @@ class VeraConfig(MethodConfig):
                     dropout=self.vera_dropout, save_projection=bool(self.save_projection))
 
     def place(self, placement: Any, where: tuple[str, ...] | None = None) -> Placed:
-        from jadapters.adapters.lora import default_lora_roles
-
-        if where is not None:
-            return Placed((), where, self.adapter(), ParallelAdd())
-        if self.target_modules is None:
-            roles, targets = resolve_roles(placement, default_lora_roles(placement), self.method, roles_only=True)
-        else:
-            entries = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
-            roles, targets = resolve_roles(placement, entries, self.method, roles_only=False)
-        return Placed(roles, targets, self.adapter(), ParallelAdd())
+        return place_on_layers(self, placement, where)
