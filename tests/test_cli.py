@@ -17,6 +17,9 @@ from jadapters import cli, inspect_checkpoint
 
 DEMO_STEPS = 12
 
+# One worker runs this file: the demo fixture then runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("cli")
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

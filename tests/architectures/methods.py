@@ -38,6 +38,10 @@ class Method:
     init_tolerance: float = 1e-6
     #: How far moved adapters must move a bfloat16 base's output (bfloat16 keeps ~3 significant digits).
     bf16_change: float = 1e-2
+    #: The families of the bfloat16 case (None: all). An adapter's dtype handling is its own, not the
+    #: family's: past the core methods, three families (scan, Hugging Face, encoder-decoder) keep the
+    #: suite short.
+    bf16_families: tuple[str, ...] | None = ("gpt", "hf_bert", "hf_t5")
     #: Whether the adapters start as the identity (prompts and prefixes start random, as in PEFT).
     identity_at_init: bool = True
 
@@ -64,6 +68,7 @@ class LinearAdapterMethod(Method):
     """NeMo's LinearAdapter, as a global adapter (the family's global roles)."""
 
     name: str = "linear"
+    bf16_families: tuple[str, ...] | None = None
 
     def add(self, adapted, family, name, variant):
         adapter = jadapters.LinearAdapter(dim=4, norm_position="pre") if variant == 0 else jadapters.LinearAdapter(
@@ -77,6 +82,7 @@ class MHAAdapterMethod(Method):
     """NeMo's MultiHeadAttentionAdapter on sequence outputs, reading the family's mask where it has one."""
 
     name: str = "mha"
+    bf16_families: tuple[str, ...] | None = None
     # A key bias shifts every score of a query by the same amount: softmax ignores it.
     gradient_free: tuple[str, ...] = ("['linear_k']['bias']",)
 
@@ -94,6 +100,7 @@ class LoRAMethod(Method):
     """LoRA on the family's LoRA roles (Dense, multi-head DenseGeneral, Conv, Embed, GPT-2's Conv1D)."""
 
     name: str = "lora"
+    bf16_families: tuple[str, ...] | None = None
     mergeable: bool = True
 
     def add(self, adapted, family, name, variant):
@@ -177,13 +184,15 @@ class VeRAMethod(Method):
 class BottleneckMethod(Method):
     """An AdapterHub bottleneck method (a name with options), at every residual-block site the family declares.
 
-    A matrix case costs about 9 s of CPU, so each method runs on one family,
-    together covering the three Hugging Face presets that no parity test
-    covers (GPT-2, T5 with its cross-attention, ViT: tuple outputs, one module
-    holding two sites, encoder-decoder) and ``nn.scan(nn.remat(...))`` with
-    Compacter's rule shared across the scanned layers. Hugging Face's BERT is
-    covered by the reference parity tests, the other mechanisms (post-LN
-    blocks, every option on post- and pre-LN blocks) by tests/test_bottleneck.py.
+    ``seq_bn`` runs on every family that declares residual-block sites (all
+    but the ResNet): post-LN blocks (BERT's), pre-LN ones, ``nn.scan``, an
+    encoder-decoder with cross-attention, tuple outputs, one module holding two
+    sites. The other bottleneck methods join the same way and differ in their
+    options, so each runs on one family (a matrix case costs about 9 s of CPU):
+    T5 with its cross-attention, ViT, and ``nn.scan(nn.remat(...))`` with
+    Compacter's rule shared across the scanned layers; every option on post-
+    and pre-LN blocks is in tests/test_bottleneck.py, and the outputs of each
+    method against AdapterHub's in tests/test_parity_bottleneck.py.
 
     Variant 0 uses ``init_weights='mam_adapter'`` (zero up projection), under
     which a bottleneck starts as identity (AdapterHub's default ``'bert'`` does
@@ -194,10 +203,13 @@ class BottleneckMethod(Method):
 
     name: str = "seq_bn"
     variants: tuple[str, str] = ("seq_bn", "seq_bn")
+    #: The families it runs on; empty: every family with residual-block sites.
     families: tuple[str, ...] = ()
 
     def applies(self, family):
-        return family.name in self.families
+        if self.families:
+            return family.name in self.families
+        return any(site in dict(family.preset.sites) for site in (ATTENTION_BLOCK, FFN_BLOCK))
 
     def add(self, adapted, family, name, variant):
         sites = dict(family.preset.sites)
@@ -210,8 +222,7 @@ class BottleneckMethod(Method):
 
 BOTTLENECK_METHODS = (
     BottleneckMethod("seq_bn", variants=("seq_bn[reduction_factor=4,init_weights='mam_adapter']",
-                                         "seq_bn[reduction_factor=8,use_gating=True,scaling='channel']"),
-                     families=("hf_gpt2",)),
+                                         "seq_bn[reduction_factor=8,use_gating=True,scaling='channel']")),
     BottleneckMethod("double_seq_bn", variants=("double_seq_bn[reduction_factor=4,init_weights='mam_adapter']",
                                                 "double_seq_bn[reduction_factor=8,residual_before_ln=False]"),
                      families=("hf_t5",)),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import jadapters
 from jadapters.blocks import ResidualBlock
-from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset
+from jadapters.presets import ATTENTION_BLOCK, CROSS_ATTENTION_BLOCK, FFN_BLOCK, Preset
 from jadapters.sites import AttentionSite, EmbeddingSite, MaskArgument
 
 from architectures import families as own
@@ -124,6 +124,8 @@ BERT = Family(
         global_roles=["ffn_output"],
         sites={
             "attention": AttentionSite("attention", mask=MaskArgument("mask", kind="attention")),
+            ATTENTION_BLOCK: ResidualBlock(r"re:layer_{layer}/attention_add", "dropout", layer_norm="LayerNorm"),
+            FFN_BLOCK: ResidualBlock(r"re:layer_{layer}/output_add", "dropout", layer_norm="LayerNorm"),
             # Positions are a parameter as long as the input: prompts only after the embeddings.
             "embeddings": EmbeddingSite(embeddings="embeddings_norm", mask=MaskArgument("padding", 1)),
         },
@@ -185,6 +187,9 @@ T5 = Family(
         sites={
             "attention": AttentionSite("self_attention", mask=MaskArgument("mask", kind="attention")),
             "cross_attention": AttentionSite("cross_attention", mask=MaskArgument("mask", kind="attention")),
+            ATTENTION_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "self_attention", residual="self_norm"),
+            CROSS_ATTENTION_BLOCK: ResidualBlock(r"re:decoder_{layer}", "cross_attention", residual="cross_norm"),
+            FFN_BLOCK: ResidualBlock(r"re:(encoder|decoder)_{layer}", "wo", residual="ffn_norm"),
         },
     ),
 )
@@ -210,6 +215,8 @@ VIT = Family(
         sites={
             "attention": AttentionSite("attention"),
             "embeddings": EmbeddingSite(embeddings="block_0", embeddings_argument=0),
+            ATTENTION_BLOCK: ResidualBlock(r"re:block_{layer}", "attention", residual="norm_1"),
+            FFN_BLOCK: ResidualBlock(r"re:block_{layer}", "mlp_out", residual="norm_2"),
         },
     ),
     lora_roles=("query", "value", "embeddings"),
@@ -243,6 +250,8 @@ CONFORMER = Family(
             "layers": "layers_*",
         },
         global_roles=["layers"],
+        # The attention sub-block only: the feed-forward halves join as x + 0.5 * ffn(x) (Macaron style).
+        sites={ATTENTION_BLOCK: ResidualBlock(r"re:layers_{layer}", "self_attention", residual="attention_norm")},
     ),
     mha=("layers", 1),
     float_inputs=(0,),
