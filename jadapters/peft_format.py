@@ -48,7 +48,7 @@ from flax import traverse_util
 from jadapters.adapters.ia3 import IA3, IA3Config
 from jadapters.adapters.lora import LoRA, LoraConfig
 from jadapters.adapters.prompt import PromptTuning, PromptTuningConfig
-from jadapters.adapters.vera import VERA_COLLECTION, VeRA, VeraConfig
+from jadapters.adapters.vera import VERA_COLLECTION, VeRA, VeraConfig, vera_projection
 from jadapters.errors import AdapterError
 from jadapters.naming import path_matches
 from jadapters.transform import AdaptedModule, init_adapters, with_adapters
@@ -256,6 +256,13 @@ def _has_module(params: Mapping[str, Any], flax_path: str) -> bool:
     return isinstance(node, Mapping)
 
 
+def _module_params(variables: Mapping[str, Any], flax_path: str) -> Mapping[str, Any]:
+    node: Any = variables.get("params", {})
+    for part in flax_path.split("/"):
+        node = node.get(part, {}) if isinstance(node, Mapping) else {}
+    return node if isinstance(node, Mapping) else {}
+
+
 def _peft_matches(name: str, entries: Any) -> bool:
     """PEFT's target rule: a string is a full regex match, a list entry matches the name or its ``.``-suffix."""
     if entries is None:
@@ -418,7 +425,7 @@ def save_peft(
     elif isinstance(adapter, IA3):
         config, tensors = _save_ia3(spec, modules, to_torch)
     elif isinstance(adapter, VeRA):
-        config, tensors = _save_vera(adapter, spec.name, modules, ours, variables, to_torch)
+        config, tensors = _save_vera(adapter, spec.name, modules, variables, to_torch)
     elif isinstance(adapter, PromptTuning):
         config, tensors = _save_prompt(spec, modules)
     else:
@@ -480,7 +487,7 @@ def _save_ia3(spec: Any, modules: dict, to_torch: Callable[[str], str]) -> tuple
     return config, tensors
 
 
-def _save_vera(vera: VeRA, name: str, modules: dict, ours: Mapping, variables: Mapping,
+def _save_vera(vera: VeRA, name: str, modules: dict, variables: Mapping,
                to_torch: Callable[[str], str]) -> tuple[dict, dict]:
     tensors = {}
     for flax_path, leaves in modules.items():
@@ -491,18 +498,23 @@ def _save_vera(vera: VeRA, name: str, modules: dict, ours: Mapping, variables: M
     per_layer = []
     for flax_path in modules:
         at = tuple(flax_path.split("/")) + (ADAPTERS_KEY, name)
-        if at + ("vera_a",) not in projections:
-            raise AdapterError(f"adapter {name!r} at {flax_path!r}: the variables have no {VERA_COLLECTION!r} "
-                               "projections (pass what jadapters.init_adapters returned)")
-        per_layer.append((flax_path, np.asarray(projections[at + ("vera_a",)]).T,
-                          np.asarray(projections[at + ("vera_b",)]).T))
+        if at + ("vera_a",) in projections:
+            a, b = projections[at + ("vera_a",)], projections[at + ("vera_b",)]
+        else:  # not stored (save_projection=False): regenerated from the seed, as the adapter does
+            kernel = _module_params(variables, flax_path).get("kernel")
+            if kernel is None or np.ndim(kernel) != 2:
+                raise AdapterError(f"adapter {name!r} at {flax_path!r}: VeRA's projections are not stored and the "
+                                   "layer has no 2-D kernel to size them from")
+            a, b = vera_projection(vera.projection_prng_key, vera.rank, kernel.shape[0], kernel.shape[1])
+        per_layer.append((flax_path, np.asarray(a).T, np.asarray(b).T))
     # PEFT keeps one A (r, max in) and one B (max out, r) and slices them per layer.
     a_all = max((a for _, a, _ in per_layer), key=lambda a: a.shape[1])
     b_all = max((b for _, _, b in per_layer), key=lambda b: b.shape[0])
     for flax_path, a, b in per_layer:
         if not (np.array_equal(a, a_all[:, : a.shape[1]]) and np.array_equal(b, b_all[: b.shape[0]])):
             raise AdapterError(f"adapter {name!r} at {flax_path!r}: its VeRA projections are not slices of the "
-                               "largest layer's, as PEFT's shared vera_A / vera_B must be")
+                               "largest layer's, as PEFT's shared vera_A / vera_B must be (jadapters scales A by "
+                               "each layer's input width: layers of different input widths cannot be written)")
     tensors[VERA_A], tensors[VERA_B] = a_all, b_all
     config = {"peft_type": "VERA", "task_type": None, "r": vera.rank, "target_modules": sorted(to_torch(p) for p in modules),
               "projection_prng_key": vera.projection_prng_key, "save_projection": True, "vera_dropout": vera.dropout,

@@ -217,3 +217,30 @@ def test_peft_loads_what_save_peft_wrote(bert, tmp_path):
                            attention_mask=torch.tensor(data["attention_mask"]).long(),
                            token_type_ids=torch.tensor(data["token_type_ids"]).long()).last_hidden_state.numpy()
         np.testing.assert_allclose(ours, theirs, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_vera_of_mixed_shapes_round_trips_with_its_projections(tmp_path, save_projection):
+    """Output widths may differ (B is sliced, as PEFT's shared vera_B); unstored projections are regenerated."""
+    x = jnp.ones((2, 4))
+    base = nn.Sequential([nn.Dense(4), nn.Dense(3)])
+    params = base.init(jax.random.key(0), x)
+    config = ja.VeraConfig(r=2, target_modules=["layers_0", "layers_1"], save_projection=save_projection)
+    adapted = ja.with_adapters(base).add_adapter("v", config)
+    variables = ja.init_adapters(adapted, params, jax.random.key(1), x)
+    adapters, rest = split_adapters(variables)
+    adapters["params"] = jax.tree_util.tree_map(lambda a: a + 0.5, adapters["params"])  # non-zero lambda_b
+    variables = merge_trees(rest, adapters)
+    ja.save_peft(tmp_path, adapted, variables)
+    assert shapes(tmp_path)["base_model.vera_A"] == (2, 4) and shapes(tmp_path)["base_model.vera_B"] == (4, 2)
+    loaded, new = ja.load_peft(tmp_path, base, params, x)
+    np.testing.assert_allclose(loaded.apply(new, x), adapted.apply(variables, x), atol=1e-6, rtol=0)
+
+
+def test_vera_over_different_input_widths_cannot_be_written(tmp_path):
+    x = jnp.ones((2, 4))
+    base = nn.Sequential([nn.Dense(6), nn.Dense(3)])
+    adapted = ja.with_adapters(base).add_adapter("v", ja.VeraConfig(r=2, target_modules=["layers_0", "layers_1"]))
+    variables = ja.init_adapters(adapted, base.init(jax.random.key(0), x), jax.random.key(1), x)
+    with pytest.raises(ja.AdapterError, match=r"adapter 'v' at 'layers_\d': its VeRA projections are not slices"):
+        ja.save_peft(tmp_path, adapted, variables)
