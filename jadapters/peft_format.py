@@ -54,7 +54,7 @@ from jadapters.naming import path_matches
 from jadapters.transform import AdaptedModule, init_adapters, with_adapters
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
-__all__ = ["load_peft", "save_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["load_peft", "save_peft", "CONFIG_NAME", "WEIGHTS_NAME", "PEFT_TENSORS"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,7 +64,7 @@ VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
 ModuleMap = Callable[[str], str] | Mapping[str, str] | None
 
 #: PEFT's tensor suffix -> (jadapters' leaf under the adapter, torch -> Flax layout).
-_TENSORS: dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray] | None]] = {
+PEFT_TENSORS: dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray] | None]] = {
     "lora_A.weight": (("lora_a", "kernel"), np.transpose),
     "lora_B.weight": (("lora_b", "kernel"), np.transpose),
     "lora_B.bias": (("lora_b", "bias"), None),
@@ -76,7 +76,7 @@ _TENSORS: dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray] | 
     "vera_lambda_b": (("vera_lambda_b",), None),
     "vera_lambda_d": (("vera_lambda_d",), None),
 }
-_LEAVES = {leaf: suffix for suffix, (leaf, _) in _TENSORS.items()}
+_LEAVES = {leaf: suffix for suffix, (leaf, _) in PEFT_TENSORS.items()}
 
 #: The config fields PEFT 0.21 writes, per peft_type; others are warned about and ignored.
 _COMMON = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
@@ -176,7 +176,7 @@ def load_peft(
         wanted = {}
         for torch_name, (flax_path, found) in modules.items():
             for suffix, array in found.items():
-                leaf, transform = _TENSORS[suffix]
+                leaf, transform = PEFT_TENSORS[suffix]
                 key = tuple(flax_path.split("/")) + (ADAPTERS_KEY, adapter_name) + leaf
                 wanted[key] = (f"{PREFIX}{torch_name}.{suffix}", flax_path, transform(array) if transform else array)
         placed = [flax_path for flax_path, _ in modules.values()]
@@ -230,10 +230,10 @@ def _modules(path: Path, tensors: Mapping[str, np.ndarray], to_flax: Callable[[s
     for key in sorted(tensors):
         if key in (VERA_A, VERA_B):
             continue
-        suffix = next((s for s in _TENSORS if key.endswith("." + s)), None)
+        suffix = next((s for s in PEFT_TENSORS if key.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {key!r} is not supported; expected "
-                               f"'{PREFIX}<module>.<tensor>' with a tensor among {sorted(_TENSORS)}")
+                               f"'{PREFIX}<module>.<tensor>' with a tensor among {sorted(PEFT_TENSORS)}")
         torch_name = key[len(PREFIX): -len(suffix) - 1]
         if torch_name not in modules:
             flax_path = to_flax(torch_name)
