@@ -168,8 +168,7 @@ def load_peft(
             raise AdapterError(f"{path / WEIGHTS_NAME}: prompt tuning expects the tensor 'prompt_embeddings', "
                                f"the file has {sorted(tensors)}")
         method = PromptTuningConfig(num_virtual_tokens=int(config["num_virtual_tokens"]))
-        wanted = {("embedding",): ("prompt_embeddings", None, np.asarray(tensors["prompt_embeddings"]))}
-        placed = None
+        wanted, placed = {}, []  # filled in below: the prompt sits where the model's embedding site puts it
     else:
         modules = _modules(path, tensors, to_flax, params)
         method = _method_config(path, peft_type, config, modules)
@@ -186,8 +185,10 @@ def load_peft(
     created = init_adapters(adapted, variables, jax.random.key(0), *inputs, **kwargs)
     new, rest = split_adapters(created, [adapter_name])
     flat = traverse_util.flatten_dict(new.get("params", {}))
-    if peft_type == "PROMPT_TUNING":  # the prompt sits where the model's embedding site puts it
-        wanted = {k: wanted[("embedding",)] for k in flat if k[-1] == "embedding"} or wanted
+    if peft_type == "PROMPT_TUNING":
+        prompts = np.asarray(tensors["prompt_embeddings"])
+        for key in (k for k in flat if k[-1] == "embedding"):
+            wanted[key] = ("prompt_embeddings", "/".join(key[: key.index(ADAPTERS_KEY)]), prompts)
     for key, (tensor, flax_path, array) in wanted.items():
         if key not in flat:
             raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} has no place in adapter {adapter_name!r} "
@@ -196,6 +197,10 @@ def load_peft(
             raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} for the Flax param {'/'.join(key)!r} has "
                                f"shape {array.shape} (Flax layout), the model expects {tuple(flat[key].shape)}")
         flat[key] = jax.numpy.asarray(array, dtype=flat[key].dtype)
+    missing = sorted("/".join(k) for k in flat if k not in wanted)
+    if missing:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: the file has no tensor for the adapter's param(s) {missing} "
+                           f"(check the config: {peft_type} with {_flags(config)})")
     new = {**new, "params": traverse_util.unflatten_dict(flat)}
     if peft_type == "VERA":
         new = {**new, VERA_COLLECTION: _vera_projections(path, tensors, new, adapter_name, placed)}
@@ -339,6 +344,10 @@ def _vera_projections(path: Path, tensors: Mapping[str, np.ndarray], new: Mappin
 def _preset_for(model: Any) -> str | None:
     name = type(model).__name__
     return next((preset for prefix, preset in _HF_PRESETS if name.startswith(prefix)), None)
+
+
+def _flags(config: Mapping[str, Any]) -> dict:
+    return {k: config[k] for k in ("use_dora", "bias", "lora_bias") if k in config}
 
 
 def _names(flat: Mapping[tuple[str, ...], Any], name: str) -> list[str]:

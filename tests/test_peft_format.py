@@ -137,6 +137,20 @@ def test_load_errors_name_the_file_and_what_was_expected(bert, tmp_path):
         ja.load_peft(adapter_dir("lora"), module, base, *inputs, module_map=moved)
 
 
+def test_a_file_lacking_a_tensor_the_config_implies_is_an_error(bert, tmp_path):
+    module, base, inputs = bert
+    folder = copy_adapter("dora", tmp_path)
+    tensors = reference.weights(folder / "adapter_model.safetensors")
+    from safetensors.numpy import save_file
+
+    save_file({k: v for k, v in tensors.items() if "layer.1.attention.self.value.lora_magnitude" not in k},
+              str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ja.AdapterError, match=(
+            r"no tensor for the adapter's param\(s\) \['encoder/layer/1/attention/self/value/__adapters__/default/"
+            r"lora_magnitude'\] \(check the config: LORA with \{'use_dora': True, 'bias': 'none', 'lora_bias': False")):
+        ja.load_peft(folder, module, base, *inputs)
+
+
 def test_vera_without_saved_projections_is_an_error(bert, tmp_path):
     module, base, inputs = bert
     folder = copy_adapter("vera", tmp_path, save_projection=False)
