@@ -167,7 +167,11 @@ def load_peft(
         if "prompt_embeddings" not in tensors:
             raise AdapterError(f"{path / WEIGHTS_NAME}: prompt tuning expects the tensor 'prompt_embeddings', "
                                f"the file has {sorted(tensors)}")
-        method = PromptTuningConfig(num_virtual_tokens=int(config["num_virtual_tokens"]))
+        length = config.get("num_virtual_tokens")
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise AdapterError(f"{path / CONFIG_NAME}: prompt tuning expects num_virtual_tokens, a positive int, "
+                               f"got {length!r}")
+        method = PromptTuningConfig(num_virtual_tokens=length)
         wanted, placed = {}, []  # filled in below: the prompt sits where the model's embedding site puts it
     else:
         modules = _modules(path, tensors, to_flax, params)

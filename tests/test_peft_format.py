@@ -130,6 +130,9 @@ def test_load_errors_name_the_file_and_what_was_expected(bert, tmp_path):
             r"\(Flax layout\), the model expects \(32, 2\)")):
         ja.load_peft(copy_adapter("lora", tmp_path / "r2", r=2), module, base, *inputs)
 
+    with pytest.raises(ja.AdapterError, match=r"prompt tuning expects num_virtual_tokens, a positive int, got None"):
+        ja.load_peft(copy_adapter("prompt_tuning", tmp_path, num_virtual_tokens=None), module, base, *inputs)
+
     moved = lambda name: name.replace("encoder.layer", "encoder.block").replace(".", "/")
     with pytest.raises(ja.AdapterError, match=(
             r"target module 'encoder.layer.0.attention.self.query' \(Flax path "
