@@ -51,6 +51,7 @@ from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losse
 from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
+from jadapters.peft_format import load_peft, save_peft
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
@@ -126,6 +127,9 @@ __all__ = [
     "save_training_state",
     "restore_training_state",
     "inspect_checkpoint",
+    # PEFT's format
+    "load_peft",
+    "save_peft",
     # errors
     "AdapterError",
     "UnknownAdapterError",

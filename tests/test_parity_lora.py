@@ -21,23 +21,13 @@ import reference  # noqa: E402
 import jadapters as ja  # noqa: E402
 from jadapters.adapters.lora import residual_to_lora  # noqa: E402
 from jadapters.adapters.vera import VERA_COLLECTION  # noqa: E402
+from jadapters.peft_format import PEFT_TENSORS  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("parity_lora")
 TOLERANCE = 1e-5
 
-# PEFT's tensor names -> (jadapters' name under the adapter, transform of the array).
-PEFT_NAMES = {
-    "lora_A.weight": (("lora_a", "kernel"), np.transpose),
-    "lora_B.weight": (("lora_b", "kernel"), np.transpose),
-    "lora_B.bias": (("lora_b", "bias"), None),
-    "lora_magnitude_vector": (("lora_magnitude",), None),
-    "base_layer.bias": (("bias",), None),
-    "lora_embedding_A": (("lora_embedding_a",), np.transpose),
-    "lora_embedding_B": (("lora_embedding_b",), np.transpose),
-    "ia3_l": (("ia3_l",), np.ravel),
-    "vera_lambda_b": (("vera_lambda_b",), None),
-    "vera_lambda_d": (("vera_lambda_d",), None),
-}
+# PEFT's tensor names -> (jadapters' name under the adapter, torch -> Flax layout): the library's table.
+PEFT_NAMES = PEFT_TENSORS
 
 
 def put(tree, keys, value):
