@@ -50,8 +50,10 @@ from jadapters.adapters.lora import LoRA, LoraConfig
 from jadapters.adapters.prompt import PromptTuning, PromptTuningConfig
 from jadapters.adapters.vera import VERA_COLLECTION, VeRA, VeraConfig, vera_projection
 from jadapters.errors import AdapterError
+from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
+                                read_dir, torch_to_flax, write_dir)
 from jadapters.naming import path_matches
-from jadapters.transform import AdaptedModule, init_adapters, with_adapters
+from jadapters.transform import AdaptedModule
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
 __all__ = ["load_peft", "save_peft", "CONFIG_NAME", "WEIGHTS_NAME", "PEFT_TENSORS"]
@@ -60,8 +62,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
-
-ModuleMap = Callable[[str], str] | Mapping[str, str] | None
 
 #: PEFT's tensor suffix -> (jadapters' leaf under the adapter, torch -> Flax layout).
 PEFT_TENSORS: dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray] | None]] = {
@@ -97,10 +97,6 @@ _KNOWN = {
                                 "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
                                 "tokenizer_name_or_path", "tokenizer_kwargs"},
 }
-
-#: Hugging Face Flax module classes -> the shipped preset that knows their sites (prompt tuning needs one).
-_HF_PRESETS = (("FlaxBert", "hf_bert"), ("FlaxGPT2", "hf_gpt2"), ("FlaxT5", "hf_t5"), ("FlaxViT", "hf_vit"))
-
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -151,7 +147,7 @@ def load_peft(
         True
     """
     path = Path(path)
-    config, tensors = _read(path)
+    config, tensors = read_dir(path, CONFIG_NAME, WEIGHTS_NAME, "PEFT")
     peft_type = config.get("peft_type")
     if peft_type not in _KNOWN:
         raise AdapterError(f"{path / CONFIG_NAME}: peft_type {peft_type!r} is not supported; jadapters loads "
@@ -160,7 +156,7 @@ def load_peft(
     if unknown:
         warnings.warn(f"{path / CONFIG_NAME}: ignoring config field(s) jadapters does not know: {unknown}",
                       stacklevel=2)
-    to_flax = _torch_to_flax(module_map)
+    to_flax = torch_to_flax(module_map)
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
 
     if peft_type == "PROMPT_TUNING":
@@ -184,52 +180,16 @@ def load_peft(
                 wanted[key] = (f"{PREFIX}{torch_name}.{suffix}", flax_path, transform(array) if transform else array)
         placed = [flax_path for flax_path, _ in modules.values()]
 
-    adapted = model if isinstance(model, AdaptedModule) else with_adapters(model, _preset_for(model))
-    adapted = adapted.add_adapter(adapter_name, method)
-    created = init_adapters(adapted, variables, jax.random.key(0), *inputs, **kwargs)
-    new, rest = split_adapters(created, [adapter_name])
-    flat = traverse_util.flatten_dict(new.get("params", {}))
+    adapted, new, rest = add_and_init(model, adapter_name, method, variables, *inputs, **kwargs)
     if peft_type == "PROMPT_TUNING":
         prompts = np.asarray(tensors["prompt_embeddings"])
-        for key in (k for k in flat if k[-1] == "embedding"):
+        for key in (k for k in traverse_util.flatten_dict(new.get("params", {})) if k[-1] == "embedding"):
             wanted[key] = ("prompt_embeddings", "/".join(key[: key.index(ADAPTERS_KEY)]), prompts)
-    for key, (tensor, flax_path, array) in wanted.items():
-        if key not in flat:
-            raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} has no place in adapter {adapter_name!r} "
-                               f"at {flax_path or '<root>'!r} (expected one of its params {_names(flat, adapter_name)})")
-        if tuple(flat[key].shape) != array.shape:
-            raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} for the Flax param {'/'.join(key)!r} has "
-                               f"shape {array.shape} (Flax layout), the model expects {tuple(flat[key].shape)}")
-        flat[key] = jax.numpy.asarray(array, dtype=flat[key].dtype)
-    missing = sorted("/".join(k) for k in flat if k not in wanted)
-    if missing:
-        raise AdapterError(f"{path / WEIGHTS_NAME}: the file has no tensor for the adapter's param(s) {missing} "
-                           f"(check the config: {peft_type} with {_flags(config)})")
-    new = {**new, "params": traverse_util.unflatten_dict(flat)}
+    new = fill_params(path / WEIGHTS_NAME, new, wanted, adapter_name,
+                      f"check the config: {peft_type} with {_flags(config)}")
     if peft_type == "VERA":
         new = {**new, VERA_COLLECTION: _vera_projections(path, tensors, new, adapter_name, placed)}
     return adapted, merge_trees(rest, new)
-
-
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise AdapterError(f"{path}: expected PEFT's adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}; "
-                               f"{file.name} is missing")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{config_file}: not a readable JSON config ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(weights_file))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers and data
-        raise AdapterError(f"{weights_file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return config, tensors
 
 
 def _modules(path: Path, tensors: Mapping[str, np.ndarray], to_flax: Callable[[str], str],
@@ -246,7 +206,7 @@ def _modules(path: Path, tensors: Mapping[str, np.ndarray], to_flax: Callable[[s
         torch_name = key[len(PREFIX): -len(suffix) - 1]
         if torch_name not in modules:
             flax_path = to_flax(torch_name)
-            if not _has_module(params, flax_path):
+            if not has_module(params, flax_path):
                 raise AdapterError(f"{path / WEIGHTS_NAME}: target module {torch_name!r} (Flax path {flax_path!r}) "
                                    "is absent from the model's params; pass module_map if its Flax names differ")
             modules[torch_name] = (flax_path, {})
@@ -254,15 +214,6 @@ def _modules(path: Path, tensors: Mapping[str, np.ndarray], to_flax: Callable[[s
     if not modules:
         raise AdapterError(f"{path / WEIGHTS_NAME}: no adapter tensors in the file")
     return modules
-
-
-def _has_module(params: Mapping[str, Any], flax_path: str) -> bool:
-    node: Any = params
-    for part in flax_path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return isinstance(node, Mapping)
 
 
 def _module_params(variables: Mapping[str, Any], flax_path: str) -> Mapping[str, Any]:
@@ -345,34 +296,8 @@ def _vera_projections(path: Path, tensors: Mapping[str, np.ndarray], new: Mappin
     return traverse_util.unflatten_dict(flat)
 
 
-def _preset_for(model: Any) -> str | None:
-    name = type(model).__name__
-    return next((preset for prefix, preset in _HF_PRESETS if name.startswith(prefix)), None)
-
-
 def _flags(config: Mapping[str, Any]) -> dict:
     return {k: config[k] for k in ("use_dora", "bias", "lora_bias") if k in config}
-
-
-def _names(flat: Mapping[tuple[str, ...], Any], name: str) -> list[str]:
-    return sorted("/".join(k) for k in flat if name in k)
-
-
-def _torch_to_flax(module_map: ModuleMap) -> Callable[[str], str]:
-    if module_map is None:
-        return lambda torch_name: torch_name.replace(".", "/")
-    if isinstance(module_map, Mapping):
-        return lambda torch_name: module_map.get(torch_name, torch_name.replace(".", "/"))
-    return module_map
-
-
-def _flax_to_torch(module_map: ModuleMap) -> Callable[[str], str]:
-    if module_map is None:
-        return lambda flax_path: flax_path.replace("/", ".")
-    if isinstance(module_map, Mapping):
-        inverse = {v: k for k, v in module_map.items()}
-        return lambda flax_path: inverse.get(flax_path, flax_path.replace("/", "."))
-    return module_map
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -414,24 +339,9 @@ def save_peft(
         >>> json.load(open(os.path.join(folder, "adapter_config.json")))["peft_type"]
         'IA3'
     """
-    if not isinstance(adapted, AdaptedModule):
-        raise AdapterError(f"save_peft expects an AdaptedModule, got {type(adapted).__name__}")
-    if name is None:
-        names = adapted.adapter_names()
-        if len(names) != 1:
-            raise AdapterError(f"save_peft writes one adapter; the model has {names}: pass name=")
-        name = names[0]
-    spec = adapted.get_adapter(name)
+    spec, modules = adapter_params(adapted, variables, name, "save_peft")
     adapter = spec.adapter
-    to_torch = _flax_to_torch(module_map)
-    ours, _ = split_adapters(variables, [spec.name])
-    flat = traverse_util.flatten_dict(ours.get("params", {}))
-    if not flat:
-        raise AdapterError(f"adapter {spec.name!r} has no params in the variables given to save_peft")
-    modules: dict[str, dict[str, np.ndarray]] = {}  # flax path -> {leaf: array}
-    for key, value in flat.items():
-        at = key.index(ADAPTERS_KEY)
-        modules.setdefault("/".join(key[:at]), {})["/".join(key[at + 2:])] = np.asarray(value)
+    to_torch = flax_to_torch(module_map)
 
     if isinstance(adapter, LoRA):
         config, tensors = _save_lora(adapter, spec.name, modules, to_torch)
@@ -446,7 +356,7 @@ def save_peft(
                            "save_peft writes LoRA (and its variants), IA3, VeRA and prompt tuning")
     config = {"base_model_name_or_path": base_model_name_or_path, "revision": None, "inference_mode": True,
               "modules_to_save": None, **config}
-    _write(Path(path), config, tensors)
+    write_dir(Path(path), CONFIG_NAME, config, WEIGHTS_NAME, tensors, "PEFT")
 
 
 def _layout(name: str, flax_path: str, leaf: str, array: np.ndarray) -> np.ndarray:
@@ -547,15 +457,3 @@ def _save_prompt(spec: Any, modules: dict) -> tuple[dict, dict]:
               "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
               "tokenizer_kwargs": None}
     return config, {"prompt_embeddings": prompts}
-
-
-def _write(path: Path, config: dict, tensors: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(arrays, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    except OSError as e:
-        raise AdapterError(f"cannot write PEFT's adapter to {str(path)!r}: {e}") from None
