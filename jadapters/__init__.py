@@ -52,6 +52,7 @@ from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
 from jadapters.peft_format import load_peft, save_peft
+from jadapters.adapterhub_format import load_adapterhub, save_adapterhub
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
@@ -130,6 +131,9 @@ __all__ = [
     # PEFT's format
     "load_peft",
     "save_peft",
+    # AdapterHub's format
+    "load_adapterhub",
+    "save_adapterhub",
     # errors
     "AdapterError",
     "UnknownAdapterError",

@@ -1,0 +1,527 @@
+"""AdapterHub's adapter format in and out: ``adapter_config.json`` + ``adapter.safetensors``.
+
+:func:`load_adapterhub` reads an adapter saved by AdapterHub's ``adapters``
+(``model.save_adapter(..., use_safetensors=True)``) onto a Flax model:
+bottlenecks (``seq_bn``, ``double_seq_bn``, ``par_bn``, ``scaled_par_bn`` and
+any other ``BnConfig``), Compacter (``compacter``, ``compacter++``), LoRA, IA3
+(AdapterHub's: it scales the adapted layers' outputs) and prefix tuning (flat
+or through its reparametrisation MLP). :func:`save_adapterhub` writes one of
+jadapters' adapters of those methods so that AdapterHub's ``load_adapter``
+reads it.
+
+The name rule: AdapterHub's tensor ``<torch module>.adapters.<name>.<tensor>``
+(bottlenecks) or ``<torch module>.loras.<name>.<tensor>`` (LoRA, IA3) is the
+Flax module ``<torch module>`` with ``.`` replaced by ``/``, as Hugging Face's
+Flax models name theirs (``encoder.layer.0.output`` -> ``encoder/layer/0/output``);
+a torch name with a head model's prefix (``bert.encoder...``) that the Flax
+model lacks loses it. ``module_map`` is the same as for
+:func:`jadapters.load_peft`. Tensors change layout as torch's Linear weight
+``(out, in)`` becomes a Flax kernel ``(in, out)``:
+
+=========================================  ======================================  =========
+AdapterHub tensor                          jadapters param under the adapter       layout
+=========================================  ======================================  =========
+``adapter_down.0.weight`` / ``.bias``      ``adapter_down/kernel`` / ``bias``      transpose
+``adapter_up.weight`` / ``.bias``          ``adapter_up/kernel`` / ``bias``        transpose
+``adapter_down.0.W_left`` (PHM) etc.       ``adapter_down/W_left``
+``adapter_norm_before.weight``             ``adapter_norm_before/scale``
+``gate.weight`` / ``scaling``              ``gate/kernel`` / ``scaling``           transpose
+``shared_parameters.<name>.phm_rule``      ``__shared__/phm_rule`` at the root
+``loras.<name>.lora_A`` / ``lora_B``       ``lora_a/kernel`` / ``lora_b/kernel``   transpose
+``loras.<name>.lora_B`` (IA3, (out, 1))    ``ia3_l`` (out,), times ``alpha``        ravel
+``prefix_tuning.prefix_tunings.<name>.``   per attention layer ``embedding``,
+``self_prefix.wte`` / ``control_trans.*``  ``down``, ``up`` (layer l's rows of the
+                                           last Linear) or ``keys`` / ``values``
+=========================================  ======================================  =========
+
+Bottleneck and prefix adapters place themselves from their config and the
+model's preset (the file's tensors must then be exactly what they create);
+LoRA and IA3 go exactly on the modules the file holds tensors for.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from jadapters.adapters.bottleneck import BnConfig, Bottleneck
+from jadapters.adapters.ia3 import IA3, IA3Config
+from jadapters.adapters.lora import LoRA, LoraConfig
+from jadapters.adapters.prefix import PrefixTuning, PrefixTuningConfig
+from jadapters.configs import parse_method
+from jadapters.errors import AdapterError
+from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
+                               read_dir, torch_to_flax, write_dir)
+from jadapters.transform import AdaptedModule, AdapterSpec
+from jadapters.tree import ADAPTERS_KEY, merge_trees
+
+__all__ = ["load_adapterhub", "save_adapterhub", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+TORCH_PICKLE = "pytorch_adapter.bin"
+VERSION = "adapters.1.3.0"
+SHARED = "__shared__"
+
+#: The ``config`` fields AdapterHub 1.3 writes, per architecture; others are warned about and ignored.
+_BN_FIELDS = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
+              "original_ln_after", "ln_before", "ln_after", "init_weights", "init_weights_seed", "is_parallel",
+              "scaling", "use_gating", "residual_before_ln", "adapter_residual_before_ln", "inv_adapter",
+              "inv_adapter_reduction_factor", "cross_adapter", "leave_out", "dropout", "phm_layer", "phm_dim",
+              "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule", "phm_c_init",
+              "phm_init_range", "learn_phm", "hypercomplex_nonlinearity", "phm_rank", "phm_bias",
+              "stochastic_depth")
+_KNOWN = {
+    "bottleneck": {"architecture", *_BN_FIELDS},
+    "lora": {"architecture", "selfattn_lora", "intermediate_lora", "output_lora", "leave_out", "r", "alpha",
+             "dropout", "attn_matrices", "composition_mode", "init_weights", "init_weights_seed", "use_gating",
+             "use_dora", "dtype", "vera_d", "vera_b"},
+    "prefix_tuning": {"architecture", "encoder_prefix", "cross_prefix", "leave_out", "flat", "prefix_length",
+                      "bottleneck_size", "non_linearity", "dropout", "use_gating", "shared_gating",
+                      "init_weights_seed"},
+}
+#: AdapterHub's LoRA ``attn_matrices`` letters and FFN switches -> the last parts of BERT-like torch names.
+_LORA_PLACES = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                "intermediate_lora": "intermediate.dense", "output_lora": "output.dense"}
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def bottleneck_leaf(tensor: str) -> tuple[tuple[str, ...], bool]:
+    """AdapterHub's tensor under ``.adapters.<name>.`` -> (jadapters' leaf, whether to transpose).
+
+    ``adapter_down.0.weight`` -> ``('adapter_down', 'kernel')``, transposed (the ``0`` is
+    the Linear's index in AdapterHub's ``Sequential``); LayerNorm weights are ``scale``.
+
+    Example:
+        >>> bottleneck_leaf("adapter_down.0.weight"), bottleneck_leaf("adapter_norm_after.weight")
+        ((('adapter_down', 'kernel'), True), (('adapter_norm_after', 'scale'), False))
+    """
+    *module, leaf = [part for part in tensor.split(".") if part != "0"]
+    if leaf == "weight":
+        norm = bool(module) and module[0].startswith("adapter_norm")
+        return (*module, "scale" if norm else "kernel"), not norm
+    return (*module, leaf), False
+
+
+def bottleneck_tensor(leaf: tuple[str, ...]) -> tuple[str, bool]:
+    """The inverse of :func:`bottleneck_leaf`.
+
+    Example:
+        >>> bottleneck_tensor(("adapter_down", "kernel")), bottleneck_tensor(("adapter_up", "b"))
+        (('adapter_down.0.weight', True), ('adapter_up.b', False))
+    """
+    *module, last = leaf
+    if module[:1] == ["adapter_down"]:
+        module = ["adapter_down", "0", *module[1:]]
+    return ".".join([*module, {"kernel": "weight", "scale": "weight"}.get(last, last)]), last == "kernel"
+
+
+def _natural(path: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_adapterhub(
+    path: str | Path,
+    model: Any,
+    variables: Mapping[str, Any],
+    *inputs: Any,
+    adapter_name: str | None = None,
+    module_map: ModuleMap = None,
+    **kwargs: Any,
+) -> tuple[AdaptedModule, dict]:
+    """Loads an adapter saved by AdapterHub (``save_adapter(..., use_safetensors=True)``) onto a Flax model.
+
+    Args:
+        path: AdapterHub's adapter directory (``adapter_config.json``, ``adapter.safetensors``).
+        model: a plain Flax model (e.g. a Hugging Face Flax model's ``.module``, which gets its
+            preset) or an :class:`jadapters.AdaptedModule`, to which the adapter is added.
+        variables: the model's variables, ``{'params': ...}``.
+        *inputs: sample inputs, as for :func:`jadapters.init_adapters` (``**kwargs`` too).
+        adapter_name: the adapter's name in jadapters; None: the file's (the config's ``name``).
+        module_map: ``fn(torch_module_name) -> flax_path`` (or a dict) where the model's Flax
+            paths are not its torch names with ``/`` for ``.``.
+
+    Returns:
+        ``(adapted, variables)``: the model with the adapter and new variables holding the
+        file's arrays (``variables`` passed in is unchanged).
+
+    Bottlenecks and prefix tuning place themselves with the model's preset (its sites), so the
+    model needs one; config fields jadapters does not know (a newer AdapterHub) are ignored
+    with a warning. A directory holding only ``pytorch_adapter.bin`` (AdapterHub's default, a
+    torch pickle) is an error: re-save it with ``use_safetensors=True``.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
+        >>> x = jnp.ones((2, 4))
+        >>> base = nn.Sequential([nn.Dense(4), nn.Dense(3)])
+        >>> params = base.init(jax.random.key(0), x)
+        >>> adapted = jadapters.with_adapters(base).add_adapter(
+        ...     "a", jadapters.LoraConfig(r=2, target_modules=["layers_1"], init_lora_weights=False))
+        >>> variables = jadapters.init_adapters(adapted, params, jax.random.key(1), x)
+        >>> folder = tempfile.mkdtemp()
+        >>> jadapters.save_adapterhub(folder, adapted, variables)
+        >>> loaded, new = jadapters.load_adapterhub(folder, base, params, x)
+        >>> loaded.adapter_names(), bool(jnp.allclose(loaded.apply(new, x), adapted.apply(variables, x)))
+        (['a'], True)
+    """
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).exists() and (path / TORCH_PICKLE).is_file():
+        raise AdapterError(f"{path}: holds only {TORCH_PICKLE}, a torch pickle, which jadapters does not unpickle; "
+                           f"re-save the adapter with AdapterHub's save_adapter(..., use_safetensors=True)")
+    full, tensors = read_dir(path, CONFIG_NAME, WEIGHTS_NAME, "AdapterHub")
+    config, file_name = full.get("config"), full.get("name")
+    if not isinstance(config, dict) or not isinstance(file_name, str):
+        raise AdapterError(f"{path / CONFIG_NAME}: expected AdapterHub's config with 'config' (an object) and "
+                           f"'name' (a string)")
+    architecture = config.get("architecture") or "bottleneck"
+    if architecture not in _KNOWN:
+        raise AdapterError(f"{path / CONFIG_NAME}: architecture {architecture!r} is not supported; jadapters loads "
+                           f"{sorted(_KNOWN)}")
+    unknown = sorted(set(config) - _KNOWN[architecture])
+    if unknown:
+        warnings.warn(f"{path / CONFIG_NAME}: ignoring config field(s) jadapters does not know: {unknown}",
+                      stacklevel=2)
+    name = adapter_name or file_name
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    locate = _locator(path, torch_to_flax(module_map), params, module_map is None)
+
+    if architecture == "bottleneck":
+        method = _config(path, BnConfig, {k: config[k] for k in _BN_FIELDS if k in config})
+        adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
+        wanted = _bottleneck_wanted(path, tensors, file_name, name, locate)
+    elif architecture == "lora":
+        method, wanted = _lora(path, config, tensors, file_name, name, locate)
+        adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
+    else:
+        method = _prefix_config(path, config)
+        adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
+        wanted = _prefix_wanted(path, tensors, file_name, name, new, method.projection)
+    new = fill_params(path / WEIGHTS_NAME, new, wanted, name, _hint(architecture, file_name))
+    return adapted, merge_trees(rest, new)
+
+
+def _hint(architecture: str, file_name: str) -> str:
+    if architecture == "bottleneck":
+        return (f"check the config; a Compacter's shared rule is 'shared_parameters.{file_name}.phm_rule', which "
+                "AdapterHub's save_adapter leaves out on a model without a head prefix")
+    return f"check the config: {architecture}"
+
+
+def _config(path: Path, cls: type, fields: dict) -> Any:
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, AdapterError):
+            raise
+        raise AdapterError(f"{path / CONFIG_NAME}: config not supported: {e}") from None
+
+
+def _locator(path: Path, to_flax: Callable[[str], str], params: Mapping[str, Any],
+             default_rule: bool) -> Callable[[str, str], str]:
+    """``fn(torch module name, tensor) -> Flax path`` of a module the model has, or an AdapterError."""
+
+    def locate(torch_name: str, tensor: str) -> str:
+        flax_path = to_flax(torch_name)
+        if not has_module(params, flax_path) and default_rule and "/" in flax_path:
+            head_less = flax_path.split("/", 1)[1]  # 'bert.encoder...' saved from a model with a head
+            flax_path = head_less if has_module(params, head_less) else flax_path
+        if not has_module(params, flax_path):
+            raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r}: module {torch_name!r} (Flax path "
+                               f"{flax_path!r}) is absent from the model's params; pass module_map if its Flax "
+                               "names differ")
+        return flax_path
+
+    return locate
+
+
+def _split(path: Path, tensor: str, marker: str) -> tuple[str, str]:
+    module, found, rest = tensor.partition(marker)
+    if not found or not module:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} is not supported; expected "
+                           f"'<module>{marker}<tensor>'")
+    return module, rest
+
+
+def _bottleneck_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str, name: str,
+                       locate: Callable[[str, str], str]) -> dict:
+    wanted, shared = {}, f"shared_parameters.{file_name}."
+    for tensor, array in sorted(tensors.items()):
+        if tensor.startswith(shared):
+            key, flax_path, transpose = (ADAPTERS_KEY, name, SHARED, tensor[len(shared):]), "", False
+        else:
+            module, rest = _split(path, tensor, f".adapters.{file_name}.")
+            flax_path = locate(module, tensor)
+            leaf, transpose = bottleneck_leaf(rest)
+            key = (*flax_path.split("/"), ADAPTERS_KEY, name, *leaf)
+        wanted[key] = (tensor, flax_path, array.T if transpose else array)
+    return wanted
+
+
+def _lora(path: Path, config: dict, tensors: Mapping[str, np.ndarray], file_name: str, name: str,
+          locate: Callable[[str, str], str]) -> tuple[Any, dict]:
+    for flag in ("use_gating", "use_dora"):
+        if config.get(flag):
+            raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's LoRA with {flag}=True is not supported")
+    if config.get("vera_d") is not None or config.get("vera_b") is not None:
+        raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's VeRA (vera_d / vera_b) is not supported")
+    mode = config.get("composition_mode", "add")
+    if mode not in ("add", "scale"):
+        raise AdapterError(f"{path / CONFIG_NAME}: composition_mode {mode!r} is not supported ('add': LoRA, "
+                           "'scale': IA3)")
+    alpha, wanted, paths = config.get("alpha", 8), {}, {}
+    for tensor, array in sorted(tensors.items()):
+        module, leaf = _split(path, tensor, f".loras.{file_name}.")
+        flax_path = paths.setdefault(module, locate(module, tensor))
+        at = (*flax_path.split("/"), ADAPTERS_KEY, name)
+        if mode == "scale" and leaf == "lora_B":  # IA3: y = (W x + b) * (lora_B * alpha)
+            wanted[(*at, "ia3_l")] = (tensor, flax_path, np.ravel(array) * np.asarray(alpha, array.dtype))
+        elif mode == "add" and leaf in ("lora_A", "lora_B"):
+            wanted[(*at, leaf.lower(), "kernel")] = (tensor, flax_path, array.T)
+        else:
+            raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} is not supported for composition_mode "
+                               f"{mode!r} (expected lora_A and lora_B, or IA3's lora_B)")
+    if not paths:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: no adapter tensors in the file")
+    targets = tuple(paths.values())
+    if mode == "scale":
+        return _config(path, IA3Config, {"target_modules": targets, "feedforward_modules": ()}), wanted
+    fields = {"r": config.get("r", 8), "lora_alpha": alpha, "target_modules": targets,
+              "lora_dropout": float(config.get("dropout") or 0.0)}
+    return _config(path, LoraConfig, fields), wanted
+
+
+def _prefix_config(path: Path, config: dict) -> PrefixTuningConfig:
+    if config.get("use_gating"):
+        raise AdapterError(f"{path / CONFIG_NAME}: gated prefix tuning (use_gating=True) is not supported")
+    if config.get("leave_out") or config.get("encoder_prefix") is False:
+        raise AdapterError(f"{path / CONFIG_NAME}: prefix tuning with leave_out or encoder_prefix=False is not "
+                           "supported")
+    fields = {k: config[k] for k in ("prefix_length", "flat", "bottleneck_size", "non_linearity", "dropout",
+                                     "cross_prefix") if k in config}
+    return _config(path, PrefixTuningConfig, {"style": "adapterhub", **fields})
+
+
+def _prefix_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str, name: str, new: Mapping,
+                   projection: bool) -> dict:
+    """AdapterHub's one pool for all layers -> each attention layer's params (in the model's order)."""
+    root = f"prefix_tuning.prefix_tunings.{file_name}.self_prefix."
+    needed = ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
+              "control_trans.2.bias") if projection else ("control_trans",)
+    extra = sorted(set(tensors) - {root + t for t in needed})
+    lacking = [root + t for t in needed if root + t not in tensors]
+    if extra or lacking:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: prefix tuning (flat={not projection}) expects the tensors "
+                           f"{[root + t for t in needed]}; missing {lacking}, not supported {extra}")
+    layers = sorted({"/".join(k[: k.index(ADAPTERS_KEY)]) for k in traverse_util.flatten_dict(new["params"])},
+                    key=_natural)
+    wanted = {}
+    for index, flax_path in enumerate(layers):
+        at = (*flax_path.split("/"), ADAPTERS_KEY, name)
+        if projection:
+            up_w, up_b = tensors[root + "control_trans.2.weight"], tensors[root + "control_trans.2.bias"]
+            width = up_w.shape[0] // (2 * len(layers))
+            rows = slice(2 * index * width, (2 * index + 2) * width)  # layer l's keys then values
+            for leaf, tensor, array in (("embedding", "wte.weight", tensors[root + "wte.weight"]),
+                                        ("down/kernel", "control_trans.0.weight", tensors[root + "control_trans.0.weight"].T),
+                                        ("down/bias", "control_trans.0.bias", tensors[root + "control_trans.0.bias"]),
+                                        ("up/kernel", "control_trans.2.weight", up_w[rows].T),
+                                        ("up/bias", "control_trans.2.bias", up_b[rows])):
+                wanted[(*at, *leaf.split("/"))] = (root + tensor, flax_path, array)
+        else:
+            flat = tensors[root + "control_trans"]
+            length = traverse_util.flatten_dict(new["params"])[(*at, "keys")].shape
+            per = length[0] * 2 * len(layers) * length[1]
+            if flat.size != per:
+                raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {root + 'control_trans'!r} has shape "
+                                   f"{flat.shape}, the model's {len(layers)} attention layers expect ({per},)")
+            kv = flat.reshape(length[0], 2 * len(layers), length[1])
+            wanted[(*at, "keys")] = (root + "control_trans", flax_path, kv[:, 2 * index])
+            wanted[(*at, "values")] = (root + "control_trans", flax_path, kv[:, 2 * index + 1])
+    return wanted
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save_adapterhub(
+    path: str | Path,
+    adapted: AdaptedModule,
+    variables: Mapping[str, Any],
+    name: str | None = None,
+    module_map: ModuleMap = None,
+) -> None:
+    """Writes one adapter in AdapterHub's format: ``adapter_config.json`` + ``adapter.safetensors``.
+
+    Args:
+        path: the directory (created if needed).
+        adapted: the adapted model.
+        variables: its variables.
+        name: the adapter to write (also the name in the files); None: the model's only adapter.
+        module_map: ``fn(flax_path) -> torch_module_name`` (or a dict ``{torch name: flax path}``,
+            as for :func:`load_adapterhub`) where the torch names are not the Flax paths with ``.``.
+
+    Bottlenecks and Compacters (added from a ``BnConfig``: ``seq_bn``, ``par_bn``, ...), LoRA
+    (no DoRA, rsLoRA, bias or per-module ranks: AdapterHub has none), AdapterHub's IA3 (scaling
+    layer outputs) and AdapterHub-style prefix tuning can be written; methods AdapterHub lacks
+    (VeRA, prompt tuning here, ``LinearAdapter``, ...) are an error. AdapterHub places LoRA by
+    its ``attn_matrices`` / ``intermediate_lora`` / ``output_lora``, derived from BERT-like
+    module names (``attention.self.query``, ``intermediate.dense``, ``output.dense``).
+
+    Example:
+        >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
+        >>> x = jnp.ones((2, 4))
+        >>> base = nn.Sequential([nn.Dense(4), nn.Dense(3)])
+        >>> adapted = jadapters.with_adapters(base).add_adapter("a", jadapters.LoraConfig(target_modules=["layers_0"]))
+        >>> variables = jadapters.init_adapters(adapted, base.init(jax.random.key(0), x), jax.random.key(1), x)
+        >>> folder = tempfile.mkdtemp()
+        >>> jadapters.save_adapterhub(folder, adapted, variables)
+        >>> sorted(os.listdir(folder))
+        ['adapter.safetensors', 'adapter_config.json']
+        >>> json.load(open(os.path.join(folder, "adapter_config.json")))["config"]["architecture"]
+        'lora'
+    """
+    spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
+    to_torch = flax_to_torch(module_map)
+    if isinstance(spec.adapter, Bottleneck):
+        config, tensors = _save_bottleneck(spec, modules, to_torch)
+    elif isinstance(spec.adapter, LoRA):
+        config, tensors = _save_lora(spec, modules, to_torch)
+    elif isinstance(spec.adapter, IA3):
+        config, tensors = _save_ia3(spec, modules, to_torch)
+    elif isinstance(spec.adapter, PrefixTuning):
+        config, tensors = _save_prefix(spec, modules)
+    else:
+        raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
+                           "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3 and prefix tuning")
+    hidden = next((a.shape[-1] for leaves in modules.values() for leaf, a in leaves.items()
+                   if leaf in ("adapter_up/bias", "adapter_up/b", "embedding", "keys")), None)
+    full = {"config": config, "hidden_size": hidden, "model_class": None, "model_name": None,
+            "model_type": None, "name": spec.name, "version": VERSION}
+    write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+
+
+def _method_config(spec: AdapterSpec) -> Any:
+    return parse_method(spec.config) if isinstance(spec.config, str) else spec.config
+
+
+def _save_bottleneck(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
+    config = _method_config(spec)
+    if not isinstance(config, BnConfig):
+        raise AdapterError(f"adapter {spec.name!r}: a Bottleneck is written from the BnConfig it was added with "
+                           f"(e.g. 'seq_bn'); this one was added as {config!r}")
+    fields = {k: getattr(config, k) for k in _BN_FIELDS}
+    fields["leave_out"] = list(config.leave_out)
+    tensors = {}
+    for flax_path, leaves in modules.items():
+        for leaf, array in leaves.items():
+            if not flax_path and leaf.startswith(SHARED + "/"):
+                tensors[f"shared_parameters.{spec.name}.{leaf.split('/', 1)[1]}"] = array
+                continue
+            tensor, transpose = bottleneck_tensor(tuple(leaf.split("/")))
+            tensors[f"{to_torch(flax_path)}.adapters.{spec.name}.{tensor}"] = _linear(spec.name, flax_path, leaf,
+                                                                                      array, transpose)
+    return fields, tensors
+
+
+def _linear(name: str, flax_path: str, leaf: str, array: np.ndarray, transpose: bool) -> np.ndarray:
+    if not transpose:
+        return array
+    if array.ndim != 2:
+        raise AdapterError(f"adapter {name!r} at {flax_path!r}: {leaf} has shape {array.shape}; AdapterHub's format "
+                           "holds 2-D Linear weights only")
+    return array.T
+
+
+def _lora_places(name: str, torch_names: list[str]) -> dict:
+    """AdapterHub's LoRA placement fields for the adapted torch modules, or an AdapterError."""
+    found = set()
+    for torch_name in torch_names:
+        place = next((p for p, suffix in _LORA_PLACES.items()
+                      if torch_name.endswith("." + suffix) and not torch_name.endswith("attention.output.dense")),
+                     None)
+        if place is None:
+            raise AdapterError(f"adapter {name!r} at {torch_name!r}: AdapterHub's LoRA adapts only "
+                               f"{sorted(_LORA_PLACES.values())} (by attn_matrices, intermediate_lora, output_lora)")
+        found.add(place)
+    matrices = [m for m in "qkv" if m in found]
+    return {"selfattn_lora": bool(matrices), "attn_matrices": matrices,
+            "intermediate_lora": "intermediate_lora" in found, "output_lora": "output_lora" in found}
+
+
+def _lora_fields(r: int, alpha: float, dropout: float, mode: str, places: dict, init: str) -> dict:
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return {"architecture": "lora", **places, "r": r, "alpha": alpha, "dropout": dropout, "composition_mode": mode,
+            "init_weights": init, "init_weights_seed": None, "leave_out": [], "use_gating": False, "use_dora": False,
+            "dtype": None, "vera_b": None, "vera_d": None}
+
+
+def _save_lora(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
+    lora: LoRA = spec.adapter
+    for flag, value in (("use_dora", lora.use_dora), ("use_rslora", lora.use_rslora),
+                        ("bias", lora.bias != "none"), ("lora_bias", lora.lora_bias)):
+        if value:
+            raise AdapterError(f"adapter {spec.name!r}: AdapterHub's LoRA has no {flag}")
+    tensors = {}
+    for flax_path, leaves in modules.items():
+        if lora.rank_and_alpha(flax_path) != (lora.rank, lora.alpha):
+            raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: AdapterHub's LoRA has one rank and alpha "
+                               "for all modules (no rank_pattern / alpha_pattern)")
+        for leaf, array in leaves.items():
+            if leaf not in ("lora_a/kernel", "lora_b/kernel"):
+                raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: param {leaf!r} has no AdapterHub "
+                                   "tensor name (only Linear layers' lora_A / lora_B)")
+            tensor = "lora_A" if leaf.startswith("lora_a") else "lora_B"
+            tensors[f"{to_torch(flax_path)}.loras.{spec.name}.{tensor}"] = _linear(spec.name, flax_path, leaf,
+                                                                                   array, True)
+    places = _lora_places(spec.name, [to_torch(p) for p in modules])
+    return _lora_fields(lora.rank, lora.alpha, lora.dropout, "add", places, "lora"), tensors
+
+
+def _save_ia3(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
+    tensors = {}
+    for flax_path, leaves in modules.items():
+        if spec.strategy.scales_input(flax_path):
+            raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: AdapterHub's IA3 scales layer outputs; "
+                               "this one scales the input (PEFT's feedforward_modules): use save_peft")
+        tensors[f"{to_torch(flax_path)}.loras.{spec.name}.lora_B"] = leaves["ia3_l"].reshape(-1, 1)
+    places = _lora_places(spec.name, [to_torch(p) for p in modules])
+    return _lora_fields(1, 1, 0.0, "scale", places, "ia3"), tensors
+
+
+def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
+    config = _method_config(spec)
+    if not isinstance(config, PrefixTuningConfig) or config.style != "adapterhub":
+        raise AdapterError(f"adapter {spec.name!r}: only AdapterHub-style prefix tuning (style='adapterhub') has "
+                           "AdapterHub's semantics")
+    root = f"prefix_tuning.prefix_tunings.{spec.name}.self_prefix."
+    layers = [modules[p] for p in sorted(modules, key=_natural)]
+    if spec.adapter.projection:
+        first = layers[0]
+        for leaf in ("embedding", "down/kernel", "down/bias"):
+            if any(not np.array_equal(layer[leaf], first[leaf]) for layer in layers):
+                raise AdapterError(f"adapter {spec.name!r}: its layers' {leaf!r} differ; AdapterHub shares the "
+                                   "prefix embedding and first Linear across layers")
+        tensors = {root + "wte.weight": first["embedding"], root + "control_trans.0.weight": first["down/kernel"].T,
+                   root + "control_trans.0.bias": first["down/bias"],
+                   root + "control_trans.2.weight": np.concatenate([layer["up/kernel"].T for layer in layers]),
+                   root + "control_trans.2.bias": np.concatenate([layer["up/bias"] for layer in layers])}
+    else:
+        kv = np.stack([a for layer in layers for a in (layer["keys"], layer["values"])], axis=1)
+        tensors = {root + "control_trans": kv.reshape(-1)}
+    adapter = spec.adapter
+    fields = {"architecture": "prefix_tuning", "prefix_length": adapter.length, "flat": not adapter.projection,
+              "bottleneck_size": adapter.hidden or 512, "non_linearity": adapter.non_linearity,
+              "dropout": adapter.dropout, "cross_prefix": config.cross_prefix, "encoder_prefix": True,
+              "leave_out": [], "use_gating": False, "shared_gating": True, "init_weights_seed": None}
+    return fields, tensors
+
