@@ -168,9 +168,9 @@ def load_adapterhub(
         >>> adapted = jadapters.with_adapters(base).add_adapter(
         ...     "a", jadapters.LoraConfig(r=2, target_modules=["layers_1"], init_lora_weights=False))
         >>> variables = jadapters.init_adapters(adapted, params, jax.random.key(1), x)
-        >>> folder = tempfile.mkdtemp()
-        >>> jadapters.save_adapterhub(folder, adapted, variables)
-        >>> loaded, new = jadapters.load_adapterhub(folder, base, params, x)
+        >>> folder, names = tempfile.mkdtemp(), {"output.dense": "layers_1"}  # torch name: Flax path
+        >>> jadapters.save_adapterhub(folder, adapted, variables, module_map=names)
+        >>> loaded, new = jadapters.load_adapterhub(folder, base, params, x, module_map=names)
         >>> loaded.adapter_names(), bool(jnp.allclose(loaded.apply(new, x), adapted.apply(variables, x)))
         (['a'], True)
     """
@@ -375,7 +375,8 @@ def save_adapterhub(
     layer outputs) and AdapterHub-style prefix tuning can be written; methods AdapterHub lacks
     (VeRA, prompt tuning here, ``LinearAdapter``, ...) are an error. AdapterHub places LoRA by
     its ``attn_matrices`` / ``intermediate_lora`` / ``output_lora``, derived from BERT-like
-    module names (``attention.self.query``, ``intermediate.dense``, ``output.dense``).
+    torch names (``attention.self.query``, ``intermediate.dense``, ``output.dense``); other
+    modules are written with a warning (AdapterHub would not load them; jadapters does).
 
     Example:
         >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
@@ -384,11 +385,12 @@ def save_adapterhub(
         >>> adapted = jadapters.with_adapters(base).add_adapter("a", jadapters.LoraConfig(target_modules=["layers_0"]))
         >>> variables = jadapters.init_adapters(adapted, base.init(jax.random.key(0), x), jax.random.key(1), x)
         >>> folder = tempfile.mkdtemp()
-        >>> jadapters.save_adapterhub(folder, adapted, variables)
+        >>> jadapters.save_adapterhub(folder, adapted, variables, module_map={"intermediate.dense": "layers_0"})
         >>> sorted(os.listdir(folder))
         ['adapter.safetensors', 'adapter_config.json']
-        >>> json.load(open(os.path.join(folder, "adapter_config.json")))["config"]["architecture"]
-        'lora'
+        >>> config = json.load(open(os.path.join(folder, "adapter_config.json")))["config"]
+        >>> config["architecture"], config["intermediate_lora"], config["output_lora"]
+        ('lora', True, False)
     """
     spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
     to_torch = flax_to_torch(module_map)
@@ -403,11 +405,17 @@ def save_adapterhub(
     else:
         raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
                            "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3 and prefix tuning")
-    hidden = next((a.shape[-1] for leaves in modules.values() for leaf, a in leaves.items()
-                   if leaf in ("adapter_up/bias", "adapter_up/b", "embedding", "keys")), None)
-    full = {"config": config, "hidden_size": hidden, "model_class": None, "model_name": None,
+    full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
             "model_type": None, "name": spec.name, "version": VERSION}
     write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+
+
+def _hidden_size(modules: dict) -> int | None:
+    """The model's width as the adapter sees it most often (AdapterHub's ``hidden_size`` field)."""
+    widths = [a.shape[axis] for leaves in modules.values() for leaf, a in leaves.items()
+              for name, axis in (("adapter_up/bias", 0), ("adapter_up/b", 0), ("embedding", 1), ("keys", 1),
+                                 ("lora_a/kernel", 0), ("lora_b/kernel", 1), ("ia3_l", 0)) if leaf == name]
+    return max(set(widths), key=widths.count) if widths else None
 
 
 def _method_config(spec: AdapterSpec) -> Any:
@@ -444,15 +452,18 @@ def _linear(name: str, flax_path: str, leaf: str, array: np.ndarray, transpose: 
 
 def _lora_places(name: str, torch_names: list[str]) -> dict:
     """AdapterHub's LoRA placement fields for the adapted torch modules, or an AdapterError."""
-    found = set()
+    found, elsewhere = set(), []
     for torch_name in torch_names:
+        dotted = "." + torch_name
         place = next((p for p, suffix in _LORA_PLACES.items()
-                      if torch_name.endswith("." + suffix) and not torch_name.endswith("attention.output.dense")),
-                     None)
+                      if dotted.endswith("." + suffix) and not dotted.endswith(".attention.output.dense")), None)
         if place is None:
-            raise AdapterError(f"adapter {name!r} at {torch_name!r}: AdapterHub's LoRA adapts only "
-                               f"{sorted(_LORA_PLACES.values())} (by attn_matrices, intermediate_lora, output_lora)")
+            elsewhere.append(torch_name)
         found.add(place)
+    if elsewhere:
+        warnings.warn(f"adapter {name!r}: AdapterHub's LoRA places itself on {sorted(_LORA_PLACES.values())} (by "
+                      f"attn_matrices, intermediate_lora, output_lora); {sorted(elsewhere)} are none of them, so "
+                      "AdapterHub will not load those tensors (load_adapterhub does)", stacklevel=3)
     matrices = [m for m in "qkv" if m in found]
     return {"selfattn_lora": bool(matrices), "attn_matrices": matrices,
             "intermediate_lora": "intermediate_lora" in found, "output_lora": "output_lora" in found}
