@@ -67,3 +67,28 @@ def bert_inputs() -> tuple:
     ids = data["input_ids"]
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
     return ids, data["attention_mask"], data["token_type_ids"], positions
+
+
+def adapterhub_dir(case: str, scratch: Path) -> Path:
+    """AdapterHub's saved directory of ``adapters/<case>`` with safetensors, complete.
+
+    Prefix tuning: ``adapter_safetensors/`` (AdapterHub cannot write safetensors there).
+    Compacter: a copy under ``scratch`` with the shared PHM rule that AdapterHub's save drops on a
+    bare model (``shared_parameters.safetensors``) added to ``adapter.safetensors``.
+    """
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    folder = case_dir(f"adapters/{case}")
+    if (folder / "adapter_safetensors").is_dir():
+        return folder / "adapter_safetensors"
+    if not (folder / "shared_parameters.safetensors").exists():
+        return folder / "adapter"
+    complete = scratch / f"{case}_with_shared"
+    complete.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "adapter" / "adapter_config.json", complete)
+    tensors = {**weights(folder / "adapter" / "adapter.safetensors"),
+               **weights(folder / "shared_parameters.safetensors")}
+    save_file(tensors, str(complete / "adapter.safetensors"))
+    return complete

@@ -40,20 +40,7 @@ def bert():
 
 
 def adapter_dir(case, tmp_path):
-    """AdapterHub's directory of the case, with safetensors: prefix tuning's ``adapter_safetensors/`` (AdapterHub
-    cannot write safetensors there), Compacter's with the shared rule AdapterHub's save drops on a bare model."""
-    folder = reference.case_dir(f"adapters/{case}")
-    if (folder / "adapter_safetensors").is_dir():
-        return folder / "adapter_safetensors"
-    if not (folder / "shared_parameters.safetensors").exists():
-        return folder / "adapter"
-    complete = tmp_path / "with_shared"
-    complete.mkdir(parents=True, exist_ok=True)
-    shutil.copy(folder / "adapter" / "adapter_config.json", complete)
-    tensors = {**reference.weights(folder / "adapter" / "adapter.safetensors"),
-               **reference.weights(folder / "shared_parameters.safetensors")}
-    save_file(tensors, str(complete / "adapter.safetensors"))
-    return complete
+    return reference.adapterhub_dir(case, tmp_path)
 
 
 def hidden(adapted, variables, inputs):

@@ -37,36 +37,11 @@ CASES = {
 }
 
 
-def jadapters_path(key: str) -> tuple[tuple[str, ...], bool]:
-    """An AdapterHub weight name -> (jadapters param path, whether to transpose a torch Linear weight).
-
-    ``encoder.layer.0.output.adapters.a.adapter_down.0.weight`` ->
-    ``encoder/layer/0/output/__adapters__/a/adapter_down/kernel`` (``.0`` is the
-    index in AdapterHub's ``Sequential``); the shared PHM rule
-    ``shared_parameters.a.phm_rule`` -> ``__adapters__/a/__shared__/phm_rule`` at the root.
-    """
-    if key.startswith("shared_parameters."):
-        _, name, leaf = key.split(".")
-        return ("__adapters__", name, "__shared__", leaf), False
-    module, rest = key.split(".adapters.")
-    name, *inner = [part for part in rest.split(".") if part != "0"]
-    transpose = inner[-1] == "weight"
-    if transpose:
-        inner[-1] = "kernel"
-    return (*module.split("."), "__adapters__", name, *inner), transpose
-
-
-def adapterhub_params(case: str) -> dict:
+def adapterhub_params(case: str, bert, scratch) -> dict:
     """The case's saved adapter (plus the shared PHM rule AdapterHub's save drops) as jadapters params."""
-    directory = reference.case_dir(f"adapters/{case}")
-    saved = reference.weights(directory / "adapter" / "adapter.safetensors")
-    if (directory / "shared_parameters.safetensors").exists():
-        saved.update(reference.weights(directory / "shared_parameters.safetensors"))
-    flat = {}
-    for key, value in saved.items():
-        path, transpose = jadapters_path(key)
-        flat[path] = value.T if transpose else value
-    return traverse_util.unflatten_dict(flat)
+    module, base, inputs = bert
+    _, loaded = jadapters.load_adapterhub(reference.adapterhub_dir(case, scratch), module, base, *inputs)
+    return jadapters.split_adapters(loaded)[0]["params"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +51,7 @@ def bert():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_adapterhub_bottleneck_outputs(bert, case):
+def test_adapterhub_bottleneck_outputs(bert, case, tmp_path):
     module, base, inputs = bert
     config = parse_method(CASES[case])
     saved = reference.case_info(f"adapters/{case}")["config"]
@@ -84,7 +59,7 @@ def test_adapterhub_bottleneck_outputs(bert, case):
     assert {k: ours[k] for k in saved} == {**saved, "leave_out": tuple(saved["leave_out"])}
 
     adapted = jadapters.with_adapters(module, "hf_bert").add_adapter("a", config)
-    params = adapterhub_params(case)
+    params = adapterhub_params(case, bert, tmp_path)
     # The adapter creates exactly AdapterHub's tensors, with the same shapes: nothing missing, nothing extra.
     created = jax.eval_shape(lambda v: jadapters.init_adapters(adapted, v, jax.random.key(0), *inputs), base)
     expected_shapes = {p: leaf.shape for p, leaf in traverse_util.flatten_dict(params).items()}
@@ -101,11 +76,3 @@ def test_adapterhub_bottleneck_outputs(bert, case):
         _, name, layer, _ = key.split("/")
         ours = state["intermediates"]["encoder"]["layer"][layer]["output"]["__adapters__"][name]["gate_score"][0]
         np.testing.assert_allclose(ours, gate, atol=1e-6, rtol=0)
-
-
-def test_adapterhub_names_map_onto_jadapters_params():
-    assert jadapters_path("encoder.layer.1.attention.output.adapters.a.adapter_down.0.weight") == (
-        ("encoder", "layer", "1", "attention", "output", "__adapters__", "a", "adapter_down", "kernel"), True)
-    assert jadapters_path("encoder.layer.0.output.adapters.a.adapter_up.W_left") == (
-        ("encoder", "layer", "0", "output", "__adapters__", "a", "adapter_up", "W_left"), False)
-    assert jadapters_path("shared_parameters.a.phm_rule") == (("__adapters__", "a", "__shared__", "phm_rule"), False)
