@@ -63,14 +63,11 @@ def vera_projections(tensors, base, adapter, name="a"):
     return {VERA_COLLECTION: tree}
 
 
-def from_adapterhub(tensors, name="a", ia3=False):
-    """AdapterHub's ``...<module>.loras.<name>.lora_A`` (r, in) / ``lora_B`` (out, r); IA3 keeps only lora_B (out, 1)."""
-    params = {}
-    for key, array in tensors.items():
-        module, _, leaf = key.partition(f".loras.{name}.")
-        target = ["ia3_l"] if ia3 else ["lora_a" if leaf == "lora_A" else "lora_b", "kernel"]
-        put(params, module.split(".") + ["__adapters__", name, *target], array.ravel() if ia3 else array.T)
-    return {"params": params}
+def from_adapterhub(bert, case):
+    """AdapterHub's adapter file -> ``{'params': ...}`` of its adapter 'a', read by ``load_adapterhub``."""
+    module, base, inputs = bert
+    _, loaded = ja.load_adapterhub(reference.case_dir(case) / "adapter", module, base, *inputs)
+    return ja.split_adapters(loaded)[0]
 
 
 def peft_lora_config(case: str, folder: str = "adapter") -> ja.LoraConfig:
@@ -224,7 +221,7 @@ def test_adapterhub_lora_with_merge(bert):
     case = "adapters/lora"
     config = ja.LoraConfig(r=4, lora_alpha=8, target_modules=("query", "value", "ffn_intermediate", "ffn_output"))
     adapted = ja.with_adapters(module, "hf_bert").add_adapter("a", config)
-    adapter = from_adapterhub(reference.weights(reference.case_dir(case) / "adapter" / "adapter.safetensors"))
+    adapter = from_adapterhub(bert, case)
     check(case, adapted, ja.merge_trees(base, adapter), inputs)
 
 
@@ -238,7 +235,7 @@ def test_adapterhub_ia3(bert):
     module, base, inputs = bert
     case = "adapters/ia3"
     adapted = ja.with_adapters(module, "hf_bert").add_adapter("a", "ia3_adapterhub")
-    adapter = from_adapterhub(reference.weights(reference.case_dir(case) / "adapter" / "adapter.safetensors"), ia3=True)
+    adapter = from_adapterhub(bert, case)
     expected = reference.expected(case)
     expected = {**expected, "merged_as_unmerged": expected["last_hidden_state"]}
     check(case, adapted, ja.merge_trees(base, adapter), inputs, merged_key="merged_as_unmerged", expected=expected)

@@ -23,7 +23,6 @@ from architectures import hf  # noqa: E402
 from architectures.zoo import OWN_FAMILIES  # noqa: E402
 
 LAYERS, HIDDEN = 2, 32
-ROOT = "prefix_tuning.prefix_tunings.a.self_prefix."
 
 
 # Mapping the libraries' saved weights onto jadapters' params: one subtree per attention layer.
@@ -46,32 +45,23 @@ def peft_prefix(case):
     return split_keys_values(reference.weights(reference.case_dir(case) / "adapter/adapter_model.safetensors")["prompt_embeddings"])
 
 
-def adapterhub_flat_prefix():
-    w = reference.weights(reference.case_dir("adapters/prefix_tuning_flat") / "adapter_safetensors/adapter.safetensors")
-    return split_keys_values(w[ROOT + "control_trans"].reshape(4, -1))
-
-
-def adapterhub_mlp_prefix():
-    """AdapterHub's MLP: the embedding and first Linear are shared by all layers (copied into each), the
-    last Linear's output rows [2l*H, (2l+2)*H) are layer l's keys then values. Torch (out, in) -> Flax (in, out)."""
-    w = reference.weights(reference.case_dir("adapters/prefix_tuning") / "adapter_safetensors/adapter.safetensors")
-    per_layer = []
-    for l in range(LAYERS):
-        rows = slice(2 * l * HIDDEN, (2 * l + 2) * HIDDEN)
-        per_layer.append({
-            "embedding": w[ROOT + "wte.weight"],
-            "down": {"kernel": w[ROOT + "control_trans.0.weight"].T, "bias": w[ROOT + "control_trans.0.bias"]},
-            "up": {"kernel": w[ROOT + "control_trans.2.weight"][rows].T, "bias": w[ROOT + "control_trans.2.bias"][rows]},
-        })
-    return per_layer
+def adapterhub_prefix(case):
+    """AdapterHub's one pool for all layers, read by ``load_adapterhub``: each layer's params."""
+    module, base = reference.tiny_bert()
+    folder = reference.case_dir(case) / "adapter_safetensors"
+    _, loaded = ja.load_adapterhub(folder, module, base, *reference.bert_inputs())
+    layers = ja.split_adapters(loaded)[0]["params"]["encoder"]["layer"]
+    return [layers[str(l)]["attention"]["self"]["__adapters__"]["a"] for l in range(LAYERS)]
 
 
 CASES = {
     "peft/prefix_tuning": ("prefix_tuning[num_virtual_tokens=4]", lambda: peft_prefix("peft/prefix_tuning")),
     # PEFT saves the MLP's output, so the reparametrised adapter loads as a flat one.
     "peft/prefix_tuning_projection": ("prefix_tuning[num_virtual_tokens=4]", lambda: peft_prefix("peft/prefix_tuning_projection")),
-    "adapters/prefix_tuning_flat": ("prefix_tuning_flat[prefix_length=4]", adapterhub_flat_prefix),
-    "adapters/prefix_tuning": ("prefix_tuning[style='adapterhub',prefix_length=4,bottleneck_size=16]", adapterhub_mlp_prefix),
+    "adapters/prefix_tuning_flat": ("prefix_tuning_flat[prefix_length=4]",
+                                    lambda: adapterhub_prefix("adapters/prefix_tuning_flat")),
+    "adapters/prefix_tuning": ("prefix_tuning[style='adapterhub',prefix_length=4,bottleneck_size=16]",
+                               lambda: adapterhub_prefix("adapters/prefix_tuning")),
 }
 
 
@@ -110,7 +100,7 @@ def test_peft_style_shifts_positions_and_adapterhub_style_does_not(bert):
 
 def test_folding_the_reparametrisation_keeps_the_output_and_drops_the_mlp(bert):
     adapted = adapted_bert(bert, CASES["adapters/prefix_tuning"][0])
-    variables = ja.merge_trees(bert[1], at_bert_layers(adapterhub_mlp_prefix()))
+    variables = ja.merge_trees(bert[1], at_bert_layers(adapterhub_prefix("adapters/prefix_tuning")))
     folded, folded_vars = fold_prefix_tuning(adapted, variables)
     subtree = folded_vars["params"]["encoder"]["layer"]["1"]["attention"]["self"]["__adapters__"]["a"]
     assert sorted(subtree) == ["keys", "values"] and subtree["keys"].shape == (4, 32)
