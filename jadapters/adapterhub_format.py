@@ -4,8 +4,8 @@
 (``model.save_adapter(..., use_safetensors=True)``) onto a Flax model:
 bottlenecks (``seq_bn``, ``double_seq_bn``, ``par_bn``, ``scaled_par_bn`` and
 any other ``BnConfig``), Compacter (``compacter``, ``compacter++``), LoRA, IA3
-(AdapterHub's: it scales the adapted layers' outputs) and prefix tuning (flat
-or through its reparametrisation MLP). :func:`save_adapterhub` writes one of
+(AdapterHub's: it scales the adapted layers' outputs), prefix tuning (flat
+or through its reparametrisation MLP) and prompt tuning. :func:`save_adapterhub` writes one of
 jadapters' adapters of those methods so that AdapterHub's ``load_adapter``
 reads it.
 
@@ -32,9 +32,11 @@ AdapterHub tensor                          jadapters param under the adapter    
 ``prefix_tuning.prefix_tunings.<name>.``   per attention layer ``embedding``,
 ``self_prefix.wte`` / ``control_trans.*``  ``down``, ``up`` (layer l's rows of the
                                            last Linear) or ``keys`` / ``values``
+``prompt_tuning.prompt_tunings.<name>.``   the prompt adapter's ``embedding``
+``prompt_embedding.weight``
 =========================================  ======================================  =========
 
-Bottleneck and prefix adapters place themselves from their config and the
+Bottleneck, prefix and prompt adapters place themselves from their config and the
 model's preset (the file's tensors must then be exactly what they create);
 LoRA and IA3 go exactly on the modules the file holds tensors for.
 """
@@ -53,6 +55,7 @@ from jadapters.adapters.bottleneck import BnConfig, Bottleneck
 from jadapters.adapters.ia3 import IA3, IA3Config
 from jadapters.adapters.lora import LoRA, LoraConfig
 from jadapters.adapters.prefix import PrefixTuning, PrefixTuningConfig
+from jadapters.adapters.prompt import PromptTuning, PromptTuningConfig
 from jadapters.configs import parse_method
 from jadapters.errors import AdapterError
 from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
@@ -83,6 +86,8 @@ _KNOWN = {
              "use_dora", "dtype", "vera_d", "vera_b"},
     "prefix_tuning": {"architecture", "encoder_prefix", "cross_prefix", "leave_out", "flat", "prefix_length",
                       "bottleneck_size", "non_linearity", "dropout", "use_gating", "shared_gating",
+                      "init_weights_seed"},
+    "prompt_tuning": {"architecture", "prompt_length", "prompt_init", "prompt_init_text", "combine",
                       "init_weights_seed"},
 }
 #: AdapterHub's LoRA ``attn_matrices`` letters and FFN switches -> the last parts of BERT-like torch names.
@@ -155,8 +160,8 @@ def load_adapterhub(
         ``(adapted, variables)``: the model with the adapter and new variables holding the
         file's arrays (``variables`` passed in is unchanged).
 
-    Bottlenecks and prefix tuning place themselves with the model's preset (its sites), so the
-    model needs one; config fields jadapters does not know (a newer AdapterHub) are ignored
+    Bottlenecks, prefix and prompt tuning place themselves with the model's preset (its sites),
+    so the model needs one; config fields jadapters does not know (a newer AdapterHub) are ignored
     with a warning. A directory holding only ``pytorch_adapter.bin`` (AdapterHub's default, a
     torch pickle) is an error: re-save it with ``use_safetensors=True``.
 
@@ -202,10 +207,15 @@ def load_adapterhub(
     elif architecture == "lora":
         method, wanted = _lora(path, config, tensors, file_name, name, locate)
         adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
-    else:
+    elif architecture == "prefix_tuning":
         method = _prefix_config(path, config)
         adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
         wanted = _prefix_wanted(path, tensors, file_name, name, new, method.projection)
+    else:
+        fields = {k: config[k] for k in ("prompt_length", "prompt_init", "combine") if k in config}
+        method = _config(path, PromptTuningConfig, {"style": "adapterhub", **fields})
+        adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
+        wanted = _prompt_wanted(path, tensors, file_name, new)
     new = fill_params(path / WEIGHTS_NAME, new, wanted, name, _hint(architecture, file_name))
     return adapted, merge_trees(rest, new)
 
@@ -350,6 +360,16 @@ def _prefix_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str
     return wanted
 
 
+def _prompt_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str, new: Mapping) -> dict:
+    """AdapterHub's prompt embedding -> the prompt adapter's ``embedding`` (where the model's preset puts it)."""
+    tensor = f"prompt_tuning.prompt_tunings.{file_name}.prompt_embedding.weight"
+    if set(tensors) != {tensor}:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: prompt tuning expects the tensor {tensor!r} only, the file has "
+                           f"{sorted(tensors)}")
+    return {key: (tensor, "/".join(key[: key.index(ADAPTERS_KEY)]), tensors[tensor])
+            for key in traverse_util.flatten_dict(new["params"])}
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 
@@ -372,8 +392,8 @@ def save_adapterhub(
 
     Bottlenecks and Compacters (added from a ``BnConfig``: ``seq_bn``, ``par_bn``, ...), LoRA
     (no DoRA, rsLoRA, bias or per-module ranks: AdapterHub has none), AdapterHub's IA3 (scaling
-    layer outputs) and AdapterHub-style prefix tuning can be written; methods AdapterHub lacks
-    (VeRA, prompt tuning here, ``LinearAdapter``, ...) are an error. AdapterHub places LoRA by
+    layer outputs), AdapterHub-style prefix and prompt tuning can be written; methods AdapterHub
+    lacks (VeRA, DoRA, PEFT-style prefixes and prompts, ``LinearAdapter``, ...) are an error. AdapterHub places LoRA by
     its ``attn_matrices`` / ``intermediate_lora`` / ``output_lora``, derived from BERT-like
     torch names (``attention.self.query``, ``intermediate.dense``, ``output.dense``); other
     modules are written with a warning (AdapterHub would not load them; jadapters does).
@@ -402,9 +422,11 @@ def save_adapterhub(
         config, tensors = _save_ia3(spec, modules, to_torch)
     elif isinstance(spec.adapter, PrefixTuning):
         config, tensors = _save_prefix(spec, modules)
+    elif isinstance(spec.adapter, PromptTuning):
+        config, tensors = _save_prompt(spec, modules)
     else:
         raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
-                           "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3 and prefix tuning")
+                           "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3, prefix and prompt tuning")
     full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
             "model_type": None, "name": spec.name, "version": VERSION}
     write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
@@ -535,4 +557,16 @@ def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
               "dropout": adapter.dropout, "cross_prefix": config.cross_prefix, "encoder_prefix": True,
               "leave_out": [], "use_gating": False, "shared_gating": True, "init_weights_seed": None}
     return fields, tensors
+
+
+def _save_prompt(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
+    config = _method_config(spec)
+    if not isinstance(config, PromptTuningConfig) or config.style != "adapterhub":
+        raise AdapterError(f"adapter {spec.name!r}: only AdapterHub-style prompt tuning (style='adapterhub') has "
+                           "AdapterHub's semantics")
+    (leaves,) = modules.values()
+    prompts = leaves["embedding"]
+    fields = {"architecture": "prompt_tuning", "prompt_length": int(prompts.shape[0]), "prompt_init": "random_uniform",
+              "prompt_init_text": None, "combine": config.combine, "init_weights_seed": None}
+    return fields, {f"prompt_tuning.prompt_tunings.{spec.name}.prompt_embedding.weight": prompts}
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.xdist_group("adapterhub_format")
 TOLERANCE = 1e-5
 CASES = ["seq_bn", "seq_bn_options", "seq_bn_post_add", "seq_bn_no_ln_after", "seq_bn_gating", "seq_bn_leave_out",
          "double_seq_bn", "par_bn", "scaled_par_bn", "compacter", "compacter_pp", "lora", "ia3", "prefix_tuning",
-         "prefix_tuning_flat"]
+         "prefix_tuning_flat", "prompt_tuning"]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,9 @@ def test_load_matches_adapterhub_and_save_round_trips(bert, case, tmp_path):
     assert ours["name"] == theirs["name"] and ours["hidden_size"] == theirs["hidden_size"]
     assert set(ours["config"]) <= set(theirs["config"])
     for field in ("architecture", "r", "alpha", "composition_mode", "attn_matrices", "selfattn_lora",
-                  "intermediate_lora", "output_lora", "prefix_length", "flat", "reduction_factor", "mh_adapter",
-                  "output_adapter", "original_ln_before", "residual_before_ln", "scaling", "leave_out", "phm_layer"):
+                  "intermediate_lora", "output_lora", "prefix_length", "flat", "prompt_length", "combine",
+                  "reduction_factor", "mh_adapter", "output_adapter", "original_ln_before", "residual_before_ln",
+                  "scaling", "leave_out", "phm_layer"):
         assert ours["config"].get(field) == theirs["config"].get(field), field
     again, reloaded = ja.load_adapterhub(saved, module, base, *inputs)
     np.testing.assert_array_equal(hidden(again, reloaded, inputs), out)
@@ -137,9 +138,9 @@ def test_load_errors(bert, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ja.AdapterError, match=r"empty: expected AdapterHub's adapter directory .*adapter_config.json"):
         ja.load_adapterhub(tmp_path / "empty", module, base, *inputs)
-    with pytest.raises(ja.AdapterError, match=r"architecture 'prompt_tuning' is not supported; jadapters loads "
-                                              r"\['bottleneck', 'lora', 'prefix_tuning'\]"):
-        ja.load_adapterhub(reference.case_dir("adapters/prompt_tuning") / "adapter", module, base, *inputs)
+    with pytest.raises(ja.AdapterError, match=r"architecture 'union' is not supported; jadapters loads "
+                                              r"\['bottleneck', 'lora', 'prefix_tuning', 'prompt_tuning'\]"):
+        ja.load_adapterhub(copy_adapter("seq_bn", tmp_path, architecture="union"), module, base, *inputs)
 
     seq_bn = reference.weights(adapter_dir("seq_bn", tmp_path) / "adapter.safetensors")
     down = "encoder.layer.0.output.adapters.a.adapter_down.0.weight"
@@ -194,6 +195,9 @@ def test_save_errors(bert, tmp_path):
     variables = ja.init_adapters(peft_prefix, base, jax.random.key(0), *inputs)
     with pytest.raises(ja.AdapterError, match=r"adapter 'p': only AdapterHub-style prefix tuning"):
         ja.save_adapterhub(tmp_path / "p", peft_prefix, variables)
+    peft_prompt = ja.with_adapters(module, "hf_bert").add_adapter("q", "prompt_tuning[num_virtual_tokens=2]")
+    with pytest.raises(ja.AdapterError, match=r"adapter 'q': only AdapterHub-style prompt tuning"):
+        ja.save_adapterhub(tmp_path / "q", peft_prompt, ja.init_adapters(peft_prompt, base, jax.random.key(0), *inputs))
     two = peft_prefix.add_adapter("b", "seq_bn")
     with pytest.raises(ja.AdapterError, match=r"save_adapterhub writes one adapter; the model has \['p', 'b'\]: pass "
                                               r"name="):
@@ -201,7 +205,13 @@ def test_save_errors(bert, tmp_path):
 
 
 def test_adapterhub_loads_what_save_adapterhub_writes(bert, tmp_path):
-    """Real AdapterHub (torch) loads each directory jadapters writes and gives jadapters' output."""
+    """Real AdapterHub (torch) loads each directory jadapters writes and gives jadapters' output.
+
+    Skipped without torch and ``adapters``. To run it, use an environment with torch and AdapterHub's
+    ``adapters`` and put this environment's packages on the path (jadapters never imports torch), e.g.
+    ``PYTHONPATH=<this venv>/lib/python3.11/site-packages <torch env>/bin/python -m pytest -n0 -k
+    adapterhub_loads tests/test_adapterhub_format.py``.
+    """
     torch = pytest.importorskip("torch")
     adapters = pytest.importorskip("adapters")
     from transformers import BertModel
