@@ -225,7 +225,9 @@ def test_adapterhub_loads_what_save_adapterhub_writes(bert, tmp_path):
         ja.save_adapterhub(folder, adapted, variables)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            model = BertModel.from_pretrained(reference.FIXTURES / "base", add_pooling_layer=False)
+            model = BertModel.from_pretrained(reference.FIXTURES / "base", add_pooling_layer=False,
+                                              attn_implementation="eager")  # as the fixtures were made: with
+            # torch's sdpa attention AdapterHub's prompt tuning gives padded rows other outputs (1.6e-2)
             adapters.init(model)
             model.load_adapter(str(folder), set_active=True, use_safetensors=True)
             theirs = model.eval()(**data).last_hidden_state.numpy()
