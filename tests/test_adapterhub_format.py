@@ -72,7 +72,10 @@ def test_load_matches_adapterhub_and_save_round_trips(bert, case, tmp_path):
     assert shapes(saved) == shapes(folder)
     ours, theirs = config_of(saved), config_of(folder)
     assert ours["name"] == theirs["name"] and ours["hidden_size"] == theirs["hidden_size"]
-    assert set(ours["config"]) <= set(theirs["config"])
+    if "architecture" in theirs["config"]:
+        assert set(ours["config"]) <= set(theirs["config"])
+    else:  # a bottleneck: every field of AdapterHub's BnConfig, as AdapterHub wrote it
+        assert ours["config"] == theirs["config"]
     for field in ("architecture", "r", "alpha", "composition_mode", "attn_matrices", "selfattn_lora",
                   "intermediate_lora", "output_lora", "prefix_length", "flat", "prompt_length", "combine",
                   "reduction_factor", "mh_adapter", "output_adapter", "original_ln_before", "residual_before_ln",
@@ -97,8 +100,12 @@ def test_adapter_name_a_head_prefix_and_an_adapted_model(bert, tmp_path):
     folder = adapter_dir("lora", tmp_path)
     mine = ja.with_adapters(module, "hf_bert").add_adapter("mine", ja.LoraConfig(r=2, target_modules=["key"]))
     variables = ja.init_adapters(mine, base, jax.random.key(0), *inputs)
+    kept = jax.tree_util.tree_map(np.array, variables)
     both, loaded = ja.load_adapterhub(folder, mine, variables, *inputs, adapter_name="hub")
-    assert both.adapter_names() == ["mine", "hub"]
+    assert both.adapter_names() == ["mine", "hub"] and mine.adapter_names() == ["mine"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, kept)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ja.split_adapters(loaded, ["mine"])[0],
+                           ja.split_adapters(variables, ["mine"])[0])
     # Saved from a model with a head (torch names 'bert.encoder...'): the default rule drops the prefix.
     headed = tmp_path / "headed"
     ja.save_adapterhub(headed, both, loaded, name="hub", module_map=lambda p: "bert." + p.replace("/", "."))
