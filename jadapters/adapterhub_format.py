@@ -338,14 +338,14 @@ def _prefix_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str
     for index, flax_path in enumerate(layers):
         at = (*flax_path.split("/"), ADAPTERS_KEY, name)
         if projection:
-            up_w, up_b = tensors[root + "control_trans.2.weight"], tensors[root + "control_trans.2.bias"]
-            width = up_w.shape[0] // (2 * len(layers))
+            t = {name: tensors[root + name] for name in needed}
+            width = t["control_trans.2.weight"].shape[0] // (2 * len(layers))
             rows = slice(2 * index * width, (2 * index + 2) * width)  # layer l's keys then values
-            for leaf, tensor, array in (("embedding", "wte.weight", tensors[root + "wte.weight"]),
-                                        ("down/kernel", "control_trans.0.weight", tensors[root + "control_trans.0.weight"].T),
-                                        ("down/bias", "control_trans.0.bias", tensors[root + "control_trans.0.bias"]),
-                                        ("up/kernel", "control_trans.2.weight", up_w[rows].T),
-                                        ("up/bias", "control_trans.2.bias", up_b[rows])):
+            for leaf, tensor, array in (("embedding", "wte.weight", t["wte.weight"]),
+                                        ("down/kernel", "control_trans.0.weight", t["control_trans.0.weight"].T),
+                                        ("down/bias", "control_trans.0.bias", t["control_trans.0.bias"]),
+                                        ("up/kernel", "control_trans.2.weight", t["control_trans.2.weight"][rows].T),
+                                        ("up/bias", "control_trans.2.bias", t["control_trans.2.bias"][rows])):
                 wanted[(*at, *leaf.split("/"))] = (root + tensor, flax_path, array)
         else:
             flat = tensors[root + "control_trans"]
@@ -426,7 +426,8 @@ def save_adapterhub(
         config, tensors = _save_prompt(spec, modules)
     else:
         raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
-                           "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3, prefix and prompt tuning")
+                           "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3, prefix and prompt "
+                           "tuning")
     full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
             "model_type": None, "name": spec.name, "version": VERSION}
     write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")

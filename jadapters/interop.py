@@ -113,7 +113,8 @@ def add_and_init(model: Any, name: str, method: Any, variables: Mapping[str, Any
         adapted = model
     else:
         kind = type(model).__name__
-        adapted = with_adapters(model, next((preset for prefix, preset in _HF_PRESETS if kind.startswith(prefix)), None))
+        preset = next((preset for prefix, preset in _HF_PRESETS if kind.startswith(prefix)), None)
+        adapted = with_adapters(model, preset)
     adapted = adapted.add_adapter(name, method)
     created = init_adapters(adapted, variables, jax.random.key(0), *inputs, **kwargs)
     new, rest = split_adapters(created, [name])

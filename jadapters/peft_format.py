@@ -35,7 +35,6 @@ The adapter is placed exactly on the modules the file holds tensors for.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path

@@ -112,8 +112,8 @@ def test_adapter_name_a_head_prefix_and_an_adapted_model(bert, tmp_path):
     assert all(k.startswith("bert.encoder.layer.") for k in shapes(headed))
     again, reloaded = ja.load_adapterhub(headed, module, base, *inputs)
     assert again.adapter_names() == ["hub"]
-    np.testing.assert_allclose(hidden(again, reloaded, inputs), reference.expected("adapters/lora")["last_hidden_state"],
-                               atol=TOLERANCE, rtol=0)
+    expected = reference.expected("adapters/lora")["last_hidden_state"]
+    np.testing.assert_allclose(hidden(again, reloaded, inputs), expected, atol=TOLERANCE, rtol=0)
 
 
 def copy_adapter(case, tmp_path, tensors=None, **config_changes):
@@ -130,7 +130,7 @@ def copy_adapter(case, tmp_path, tensors=None, **config_changes):
 def test_unknown_config_fields_are_ignored_with_a_warning(bert, tmp_path):
     module, base, inputs = bert
     folder = copy_adapter("seq_bn", tmp_path, some_future_option=3)
-    with pytest.warns(UserWarning, match=r"ignoring config field\(s\) jadapters does not know: \['some_future_option'\]"):
+    with pytest.warns(UserWarning, match=r"ignoring config field\(s\) jadapters does not know: \['some_future_opt"):
         adapted, variables = ja.load_adapterhub(folder, module, base, *inputs)
     np.testing.assert_allclose(hidden(adapted, variables, inputs),
                                reference.expected("adapters/seq_bn")["last_hidden_state"], atol=TOLERANCE, rtol=0)
