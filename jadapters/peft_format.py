@@ -51,7 +51,6 @@ from jadapters.adapters.vera import VERA_COLLECTION, VeRA, VeraConfig, vera_proj
 from jadapters.errors import AdapterError
 from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
                                 read_dir, torch_to_flax, write_dir)
-from jadapters.naming import path_matches
 from jadapters.transform import AdaptedModule
 from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
