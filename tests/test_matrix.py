@@ -177,6 +177,15 @@ def case(request):
     return Case(family, method, model, base, plain, counting(plain), initial, perturbed(initial), inputs)
 
 
+def skip_unless_spot_checked(case, what):
+    """Skips a spot check outside the method's spot families (where any of them applies)."""
+    chosen = case.method.spot_families
+    if chosen is not None and case.family.name not in chosen and any(
+        f.name in chosen and case.method.applies(f) for f in families()
+    ):
+        pytest.skip(f"{case.method.name}'s {what} case runs on {chosen}")
+
+
 def assert_trees_close(a, b, tolerance):
     la, lb = leaves(a), leaves(b)
     assert la.keys() == lb.keys()
@@ -257,6 +266,7 @@ def test_switching_the_mask_never_serves_a_stale_trace(case):
     """One jitted function, the module a static argument, switched back and forth between masks:
     each call must give its own mask's output. References: the base model, and a function jitted
     for the one mask alone."""
+    skip_unless_spot_checked(case, "mask-switching")
     kwargs = case.family.eval_kwargs
     only_a, none = case.adapted, case.adapted.set_enabled_adapters(enabled=False)
     reference = {
@@ -271,10 +281,7 @@ def test_switching_the_mask_never_serves_a_stale_trace(case):
 
 def test_a_bfloat16_base(case):
     family = case.family
-    chosen = case.method.bf16_families
-    if chosen is not None and family.name not in chosen and any(f.name in chosen and case.method.applies(f)
-                                                                 for f in families()):
-        pytest.skip(f"{case.method.name}'s bfloat16 case runs on {chosen}")
+    skip_unless_spot_checked(case, "bfloat16")
     base = bf16(case.base)
     inputs = tuple(x.astype(jnp.bfloat16) if i in family.float_inputs else x for i, x in enumerate(case.inputs))
     initial = jadapters.init_adapters(case.plain, base, jax.random.key(3), *inputs, **family.eval_kwargs)
