@@ -47,6 +47,7 @@ from jadapters.checkpoint import (
     save_model,
     save_training_state,
 )
+from jadapters.bank import AdapterBank, AdapterBankConfig, clear_slot, hotswap_adapter
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
 from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
@@ -93,6 +94,11 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
+    # many adapters on one base: per-row banks, hot-swapping
+    "AdapterBank",
+    "AdapterBankConfig",
+    "hotswap_adapter",
+    "clear_slot",
     # merging into the base
     "merge_adapters",
     "unmerge_adapters",

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from jadapters.context import LOSS_COLLECTION, sum_adapter_losses
 from jadapters.errors import AdapterError
 from jadapters.transform import AdaptedModule
-from jadapters.tree import adapter_name_at, merge_trees, replace_leaves, restrict, split_adapters
+from jadapters.tree import DATA_KEY, adapter_name_at, merge_trees, replace_leaves, restrict, split_adapters, split_data
 
 Which = Literal["enabled", "all"]
 Variables = Mapping[str, Any]
@@ -88,6 +88,8 @@ def partition(adapted: AdaptedModule, variables: Variables, which: Which = "enab
             f"(enable some with set_enabled_adapters, or add one with add_adapter)"
         )
     trainable, frozen_params = split_adapters({"params": variables.get("params", {})}, names)
+    trainable, data = split_data(trainable)  # an adapter bank's per-slot gains are data
+    frozen_params = merge_trees(frozen_params, data)
     if not trainable:
         raise AdapterError(
             f"adapters {names} have no params in the variables given: initialise them with "
@@ -128,7 +130,7 @@ def optimizer_labels(adapted: AdaptedModule, params: Any, which: Which = "enable
 
     def label(path, _):
         keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        return ADAPTER_LABEL if adapter_name_at(keys) in names else FROZEN_LABEL
+        return ADAPTER_LABEL if adapter_name_at(keys) in names and DATA_KEY not in keys else FROZEN_LABEL
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -199,6 +201,7 @@ class TrainStep:
     tx: optax.GradientTransformation
     which: Which
     update: Callable[[TrainState, Batch], tuple]
+    banks: tuple[str, ...] = ()
 
     def init(self, variables: Variables, rng: jax.Array) -> TrainState:
         """The first state: partitions ``variables`` and initialises the optimizer on the trainable part."""
@@ -208,7 +211,7 @@ class TrainStep:
             step=jnp.zeros((), jnp.int32),
             trainable=trainable,
             frozen=frozen,
-            opt_state=self.tx.init(trainable),
+            opt_state=_optimizer(self.tx, self.banks, frozen).init(trainable),
             rng=rng,
         )
 
@@ -243,6 +246,28 @@ def default_inputs(batch: Batch) -> tuple:
         ) from None
 
 
+def default_adapter_ids(batch: Batch) -> Any:
+    """The rows' adapter ids for adapter banks: ``batch['adapter_ids']`` of a dict batch, else None.
+
+    Example:
+        >>> default_adapter_ids({"inputs": "x", "adapter_ids": [0, -1]}), default_adapter_ids(("x", "y"))
+        ([0, -1], None)
+    """
+    return batch.get("adapter_ids") if isinstance(batch, Mapping) else None
+
+
+def _optimizer(tx: optax.GradientTransformation, banks: Sequence[str], frozen: Variables) -> Any:
+    """``tx``, or for adapter banks :func:`jadapters.bank.slotwise` (a state per slot) over their leaves."""
+    if not banks:
+        return tx
+    from jadapters.bank import bank_slot_axes, slotwise
+
+    axes = {}
+    for bank in banks:
+        axes.update(bank_slot_axes(frozen, bank, data_only=True))
+    return slotwise(tx, axes)
+
+
 def make_train_step(
     adapted: AdaptedModule,
     loss_fn: LossFn,
@@ -250,6 +275,7 @@ def make_train_step(
     *,
     which: Which = "enabled",
     inputs: Callable[[Batch], tuple] = default_inputs,
+    adapter_ids: Callable[[Batch], Any] = default_adapter_ids,
     model_kwargs: Mapping[str, Any] | None = None,
     mutable: Sequence[str] | None = None,
     rng_streams: Sequence[str] = ("dropout",),
@@ -272,6 +298,13 @@ def make_train_step(
     with batch statistics when the model is called in training mode (their
     statistics still never change). Metrics: ``loss``, ``task_loss``,
     ``aux_loss`` and yours.
+
+    Adapter banks (mixed-adapter batches): ``adapter_ids(batch)`` (default:
+    ``batch['adapter_ids']``) gives each row's slot; one step trains every
+    adapter present in the batch, each slot with its own optimizer state
+    (:func:`jadapters.bank.slotwise`), so a mixed batch trains several tasks
+    at once on one frozen base exactly as separate steps on each task's rows
+    would (for a loss that sums over rows).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
@@ -296,6 +329,7 @@ def make_train_step(
         )
     trainer = adapted.clone(training=True, freeze_batchnorm=freeze_batchnorm)
     names = tuple(selected_adapters(adapted, which))
+    banks = _banks(adapted, names)
     call_kwargs = dict(model_kwargs or {})
     streams = tuple(rng_streams)
 
@@ -308,9 +342,13 @@ def make_train_step(
         frozen = state.frozen
         collections = [c for c in frozen if c != "params"] if mutable is None else list(mutable)
 
+        ids = adapter_ids(batch) if banks else None
+        extra = {} if ids is None else {"adapter_ids": ids}
+
         def objective(trainable):
             outputs, mutated = trainer.apply(
-                combine(trainable, frozen), *args, rngs=rngs, mutable=collections + [LOSS_COLLECTION], **call_kwargs
+                combine(trainable, frozen), *args, rngs=rngs, mutable=collections + [LOSS_COLLECTION],
+                **call_kwargs, **extra
             )
             task_loss, metrics = _loss_and_metrics(loss_fn(outputs, batch))
             aux_loss = sum_adapter_losses(mutated)
@@ -319,14 +357,33 @@ def make_train_step(
         (loss, (mutated, task_loss, aux_loss, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.trainable
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        optimizer = _optimizer(tx, banks, frozen)
+        if banks:
+            from jadapters.bank import slots_present
+
+            present = slots_present(ids, adapted.get_adapter(banks[0]).adapter.slots) if ids is not None else None
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, present=present)
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         changed = {c: mutated[c] for c in collections if c in mutated and c != "params"}
         kept = restrict(split_adapters(changed, names)[0], frozen)
         metrics = {"loss": loss, "task_loss": task_loss, "aux_loss": aux_loss, **metrics}
         return state.step + 1, trainable, opt_state, kept, metrics
 
-    return TrainStep(adapted=trainer, tx=tx, which=which, update=jax.jit(update) if jit else update)
+    return TrainStep(adapted=trainer, tx=tx, which=which, update=jax.jit(update) if jit else update, banks=banks)
+
+
+def _banks(adapted: AdaptedModule, names: Sequence[str]) -> tuple[str, ...]:
+    """The trained adapters that are adapter banks; they must agree on their number of slots."""
+    from jadapters.bank import AdapterBank
+
+    banks = tuple(n for n in names if isinstance(adapted.get_adapter(n).adapter, AdapterBank))
+    slots = {adapted.get_adapter(n).adapter.slots for n in banks}
+    if len(slots) > 1:
+        raise AdapterError(f"make_train_step: the adapter banks {list(banks)} have different numbers of slots "
+                           f"{sorted(slots)}; one batch's adapter_ids name slots of every bank, so they must agree")
+    return banks
 
 
 def fit(

@@ -127,11 +127,18 @@ class AdaptedModule(nn.Module):
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run_adapted(lambda: self.model(*args, **kwargs))
+    def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        """Runs the wrapped model with its enabled adapters.
 
-    def call_method(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        ``adapter_ids`` (one integer per row, ``-1`` for the base alone) chooses
+        each row's adapter in the model's adapter banks (:class:`jadapters.AdapterBank`).
+        """
+        return self._run_adapted(lambda: self.model(*args, **kwargs), adapter_ids)
+
+    def call_method(self, method: str | Callable[..., Any], *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
         """Runs a method of the wrapped model with the adapters: a name, or ``fn(model, *args, **kwargs)``.
+
+        ``adapter_ids`` (as in :meth:`__call__`) chooses each row's slot of the adapter banks.
 
         Example:
             >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -155,17 +162,37 @@ class AdaptedModule(nn.Module):
             name = method
             if not callable(getattr(type(self.model), name, None)):
                 raise AdapterError(f"the wrapped model {type(self.model).__name__} has no method {name!r}")
-            return self._run_adapted(lambda: getattr(self.model, name)(*args, **kwargs))
-        return self._run_adapted(lambda: method(self.model, *args, **kwargs))
+            return self._run_adapted(lambda: getattr(self.model, name)(*args, **kwargs), adapter_ids)
+        return self._run_adapted(lambda: method(self.model, *args, **kwargs), adapter_ids)
 
-    def _run_adapted(self, run: Callable[[], Any]) -> Any:
+    def _run_adapted(self, run: Callable[[], Any], adapter_ids: Any = None) -> Any:
         session = _Session(self)
+        session.adapter_ids = self._checked_ids(adapter_ids, session.creating)
         session.shared = self._shared_variables(session.creating)
         with nn.intercept_methods(session.intercept):
             output = run()
         if session.creating:
             _check_all_placed(self.adapters, session.matched, session.seen)
         return output
+
+    @nn.nowrap
+    def _checked_ids(self, adapter_ids: Any, creating: bool) -> Any:
+        """``adapter_ids`` if an enabled adapter bank reads them; a clear error if given with none to read them."""
+        if adapter_ids is None:
+            return None
+        from jadapters.bank import AdapterBank, check_adapter_ids
+
+        banks = [s for s in self.adapters if s.enabled and isinstance(s.adapter, AdapterBank)]
+        if not banks:
+            if creating:
+                return None
+            raise AdapterError(
+                f"adapter_ids were given, but no enabled adapter is a bank (AdapterBank) to read them; "
+                f"enabled adapters: {self.get_enabled_adapters()}"
+            )
+        for spec in banks:
+            check_adapter_ids(adapter_ids, spec.adapter.slots)
+        return adapter_ids
 
     @nn.nowrap
     def _shared_variables(self, creating: bool) -> dict[str, Any]:
@@ -433,6 +460,8 @@ class _AdapterCall:
             kwargs.setdefault("deterministic", not self._training)
         if self.accepts("shared") and self._ctx.session is not None:
             kwargs.setdefault("shared", self._ctx.session.shared.get(self._ctx.name))
+        if self.accepts("adapter_ids") and self._ctx.session is not None:
+            kwargs.setdefault("adapter_ids", self._ctx.session.adapter_ids)
         try:
             return self._adapter(*args, **kwargs)
         except flax.errors.ScopeParamNotFoundError as e:
@@ -458,6 +487,7 @@ class _Session:
         self.matched: set[str] = set()
         self.seen: list[str] = []
         self.shared: dict[str, Any] = {}
+        self.adapter_ids: Any = None
         self._active: set[str] = set()
         self._hooks: list[tuple[str, Mapping[str, Any]]] = []
 

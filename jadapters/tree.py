@@ -21,6 +21,9 @@ ADAPTERS_KEY = "__adapters__"
 #: Under an adapter's variables at the model's root: what every placement of the adapter shares.
 SHARED_KEY = "__shared__"
 
+#: Under an adapter's params: data it reads but training never updates (an adapter bank's per-slot gains).
+DATA_KEY = "__data__"
+
 Tree = Mapping[str, Any]
 
 
@@ -64,6 +67,19 @@ def split_adapters(variables: Tree, names: Iterable[str] | None = None) -> tuple
         chosen = owner is not None and (wanted is None or owner in wanted)
         (selected if chosen else rest)[path] = leaf
     return _unflat(selected), _unflat(rest)
+
+
+def split_data(params: Tree) -> tuple[dict, dict]:
+    """Splits an adapter params tree into ``(trainable, data)``: leaves under a ``__data__`` key are data.
+
+    Example:
+        >>> split_data({"p": {"__adapters__": {"b": {"w": 1, "__data__": {"gain": 2}}}}})
+        ({'p': {'__adapters__': {'b': {'w': 1}}}}, {'p': {'__adapters__': {'b': {'__data__': {'gain': 2}}}}})
+    """
+    trainable, data = {}, {}
+    for path, leaf in _flat(params).items():
+        (data if DATA_KEY in path else trainable)[path] = leaf
+    return _unflat(trainable), _unflat(data)
 
 
 def merge_trees(*trees: Tree) -> dict:

@@ -129,14 +129,28 @@ class IA3Scale(Strategy):
         if self.scales_input(ctx.path):
             x = ctx.argument(self.input_index)
             layer = describe_input(ctx, x)
-            scaled = x * layer.input_vector(adapter(layer.in_features), x.ndim).astype(x.dtype)
+            scale = _per_row(adapter(layer.in_features), x, layer.input_vector, ctx)
             args = list(ctx.args)
-            args[self.input_index] = scaled
+            args[self.input_index] = x * scale.astype(x.dtype)
             return call(*args, **ctx.kwargs)
         value = call(*ctx.args, **ctx.kwargs)
         require_array(value, ctx, self)
         layer = describe_layer(ctx, ctx.argument(self.input_index), value)
-        return value * layer.output_vector(adapter(layer.out_features), value.ndim).astype(value.dtype)
+        return value * _per_row(adapter(layer.out_features), value, layer.output_vector, ctx).astype(value.dtype)
+
+
+def _per_row(vector: jax.Array, value: jax.Array, shaped, ctx: AdapterContext) -> jax.Array:
+    """The scale vector shaped for ``value``; a ``(rows, features)`` one (an adapter bank's) scales each row."""
+    if vector.ndim == 1:
+        return shaped(vector, value.ndim)
+    if vector.shape[0] != value.shape[0]:
+        raise AdapterError(f"{ctx.where()}: {vector.shape[0]} per-row scales for a value of {value.shape[0]} rows")
+
+    def full_rank(v):
+        s = shaped(v, value.ndim)
+        return s.reshape((1,) * (value.ndim - s.ndim) + s.shape)
+
+    return jax.vmap(full_rank)(vector)[:, 0]  # the rows replace the (size 1) batch axis
 
 
 def _entries(value: Any) -> tuple[str, ...]:
