@@ -222,3 +222,30 @@ def test_bad_ids_and_bad_banks_are_clear_errors(tiny, gpt):
     with pytest.raises(AdapterError):
         hotswap_adapter(banked, variables, "tasks", 0, big, big_vars)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)  # nothing the caller holds changed
+
+
+def test_a_bank_on_hugging_face_gpt2_fused_qkv():
+    """LoRA sized from GPT-2's Conv1D ``c_attn`` (64 -> 192), per row, on a model nobody here wrote."""
+    pytest.importorskip("transformers")
+    family = next((f for f in zoo.families() if f.name == "hf_gpt2"), None)
+    if family is None:
+        pytest.skip("transformers without its Flax models")
+    model, params = family.built()
+    inputs = family.inputs(0)
+    plain = jadapters.with_adapters(model, family.preset)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=("qkv",))
+    singles = []
+    for seed in (1, 2):
+        single = plain.add_adapter("a", config)
+        single_vars = _perturbed(jadapters.init_adapters(single, params, jax.random.key(seed), *inputs), seed)
+        run = jax.jit(lambda v, single=single: zoo.primary_output(single.apply(v, *inputs, deterministic=True)))
+        singles.append((single, single_vars, run(single_vars)))
+    bank = plain.add_adapter("tasks", AdapterBankConfig(config, slots=2))
+    variables = jadapters.init_adapters(bank, params, jax.random.key(3), *inputs)
+    for slot, (single, single_vars, _) in enumerate(singles):
+        variables = hotswap_adapter(bank, variables, "tasks", slot, single, single_vars)
+    out = jax.jit(lambda v: zoo.primary_output(bank.apply(v, *inputs, adapter_ids=IDS, deterministic=True)))(variables)
+    base = jax.jit(lambda p: zoo.primary_output(model.apply(p, *inputs, deterministic=True)))(params)
+    np.testing.assert_allclose(out[0], singles[1][2][0], atol=2e-6, rtol=0)
+    np.testing.assert_allclose(out[2], singles[0][2][2], atol=2e-6, rtol=0)
+    assert (out[1] == base[1]).all()
