@@ -319,6 +319,9 @@ def _placed_by_state_dict(state, chosen, adapters, model, params, module_map, ma
             continue
         module, rest = key.rsplit(ADAPTER_LAYER, 1)
         bare, _, param = rest.partition(".")
+        if bare not in adapters:
+            raise AdapterError(f"{source}: tensor {key!r} belongs to adapter {bare!r}, which the adapters config "
+                               f"lacks (it has {sorted(adapters)})")
         if bare in chosen:
             found.setdefault(bare, {}).setdefault(module, {})[param] = np.asarray(array)
     adapted = model if isinstance(model, AdaptedModule) else with_adapters(model)

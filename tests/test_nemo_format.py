@@ -233,6 +233,24 @@ def test_missing_module_and_config(ref):
         bad(ref, name="nope")
 
 
+def test_enabled_flags_and_strategies_come_from_the_config(ref):
+    def mutate(state, config):
+        config["mha"]["enabled"] = False
+        config["lin_pre"]["adapter_strategy"]["stochastic_depth"] = 0.5
+        config["lin_post"]["adapter_strategy"] = {
+            "_target_": "nemo.core.classes.mixins.adapter_mixin_strategies.ReturnResultAdapterStrategy"}
+    adapted, _ = bad(ref, mutate)
+    assert sorted(adapted.get_enabled_adapters()) == ["lin_post", "lin_pre"]
+    assert adapted.get_adapter("lin_pre").strategy == ja.ResidualAdd(stochastic_depth=0.5)
+    assert adapted.get_adapter("lin_post").strategy == ja.ReturnResult()
+
+    def orphan(state, config):
+        state["decoder.layers.0.adapter_layer.ghost.module.0.weight"] = np.zeros((3, 16), np.float32)
+    with pytest.raises(AdapterError, match=r"tensor 'decoder\.layers\.0\.adapter_layer\.ghost\.module\.0\.weight' "
+                                           r"belongs to adapter 'ghost', which the adapters config lacks"):
+        bad(ref, orphan)
+
+
 def test_save_adapters_layout_needs_placement_and_matching_counts(ref):
     weights, config, params, inputs, _ = ref
     lists = saved_lists(weights)
@@ -298,6 +316,13 @@ def test_nemo_files_match_nemo(ref, case, tmp_path):
     if case.endswith(".gz"):  # NeMo before 1.7 gzipped its archives
         path = tmp_path / "old.nemo"
         path.write_bytes(gzip.compress((FIXTURES / "tiny.nemo").read_bytes()))
+    if case == "adapters.pt":
+        import torch
+
+        torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+        with pytest.raises(AdapterError, match=r"not a file of NeMo's save_adapters \(a dict with '__cfg__'\); "
+                                               r"found \['w'\]"):
+            read_nemo_file(tmp_path / "plain.pt")
     state, read_config = read_nemo_file(path)
     assert read_config == config  # the omegaconf config rebuilt as plain dicts, without omegaconf
     kwargs = {"targets": TARGETS} if case == "adapters.pt" else {}
