@@ -336,7 +336,7 @@ def _placed_by_state_dict(state, chosen, adapters, model, params, module_map, ma
             if not has_module(params, flax_path):
                 raise AdapterError(f"{source}: adapter {bare!r} is on NeMo's module {module!r} (Flax path "
                                    f"{flax_path!r}), which the model's params lack; pass module_map")
-            per_module[flax_path] = (module, params_of)
+            per_module[flax_path] = (f"{module}{ADAPTER_LAYER}{bare}.", params_of)
         adapter, strategy = _adapter_and_strategy(bare, adapters[bare], mask_argument)
         adapted = adapted.add_adapter(bare, adapter, strategy=strategy, targets=list(per_module),
                                       enabled=bool(adapters[bare].get("enabled", True)))
@@ -375,8 +375,8 @@ def _placed_by_names(state, chosen, adapters, modules_of, model, targets, global
                                           enabled=bool(adapters[bare].get("enabled", True)))
         except AdapterError as e:
             raise AdapterError(f"{source}: adapter {key!r}: {e}") from None
-        per_module = [(f"{key}[{i}]", {k[len(bare) + 1:]: np.asarray(v) for k, v in s.items()
-                                       if k.startswith(bare + ".")}) for i, s in enumerate(states)]
+        per_module = [(f"{key}[{i}] {bare}.", {k[len(bare) + 1:]: np.asarray(v) for k, v in s.items()
+                                               if k.startswith(bare + ".")}) for i, s in enumerate(states)]
         specs.append((bare, per_module))
     return adapted, specs
 
@@ -396,18 +396,20 @@ def _wanted(bare, cfg, new, per_module, order, source) -> dict:
     else:
         items = [(tuple(p.split("/")), name, params) for p, (name, params) in per_module.items()]
     kind = _kind(cfg)
-    names = _MHA if kind == "MultiHeadAttentionAdapter" else _LINEAR[cfg.get("norm_position", "pre")]
+    if kind == "MultiHeadAttentionAdapter":
+        names, variant = _MHA, kind
+    else:
+        position = cfg.get("norm_position", "pre")
+        names, variant = _LINEAR[position], f"{kind}, norm_position={position!r}"
     wanted = {}
-    for path, where, params in items:
+    for path, prefix, params in items:  # prefix + param = the tensor's name in the file
         for param, array in params.items():
             if param not in names:
-                raise AdapterError(f"{source}: adapter {bare!r} at {where}: tensor {param!r} is not a param of "
-                                   f"NeMo's {kind} ({'norm_position=' + repr(cfg.get('norm_position', 'pre')) if kind == 'LinearAdapter' else 'MHA'}); "
-                                   f"expected {sorted(names)}")
+                raise AdapterError(f"{source}: adapter {bare!r}: tensor {prefix + param!r} is not a param of NeMo's "
+                                   f"{variant}; expected {sorted(names)} after {prefix!r}")
             leaf = names[param]
             value = array.T if leaf[-1] == "kernel" else array
-            wanted[path + (ADAPTERS_KEY, bare) + leaf] = (f"{where}.{param}" if order is None else f"{where} {param}",
-                                                        "/".join(path), value)
+            wanted[path + (ADAPTERS_KEY, bare) + leaf] = (prefix + param, "/".join(path), value)
     return wanted
 
 
@@ -465,7 +467,8 @@ def read_nemo_file(path: str | Path) -> tuple[dict, dict]:
         config = _plain(saved.pop("__cfg__"), str(path))
         state = {key: [{k: _numpy(v) for k, v in s.items()} for s in states] for key, states in saved.items()}
         return state, config
-    raise AdapterError(f"{path}: not a NeMo file: expected save_adapters' torch file (a zip) or a .nemo archive (a tar)")
+    raise AdapterError(f"{path}: not a NeMo file: expected save_adapters' torch file (a zip) or a .nemo archive "
+                       "(a tar)")
 
 
 def _read_archive(path: Path) -> tuple[dict, dict]:
@@ -534,7 +537,8 @@ def _torch_load(file: Any, source: str, config_allowed: bool) -> Any:
         raise AdapterError(f"{source}: not a torch file saved by torch.save (a zip archive)") from None
     admitted = {n for n in names if config_allowed and _ADMITTED.match(n)}
     # what torch's weights_only unpickler itself admits (tensors, their storages, OrderedDict, bytes)
-    torch_names = {n for n in names if n in ("collections.OrderedDict", "_codecs.encode") or n.split(".", 1)[0] == "torch"}
+    torch_names = {n for n in names
+                   if n in ("collections.OrderedDict", "_codecs.encode") or n.split(".", 1)[0] == "torch"}
     refused = sorted(names - admitted - torch_names)
     if refused:
         raise AdapterError(f"{source}: refused: the file holds {refused}, which are neither tensors nor "

@@ -199,8 +199,9 @@ def test_unknown_adapter_class(ref):
 def test_unknown_tensor_names_the_adapter_key_and_expected(ref):
     def mutate(state, config):
         state["decoder.layers.1.adapter_layer.lin_post.module.1.weight"] = np.zeros((3, 16), np.float32)
-    with pytest.raises(AdapterError, match=r"adapter 'lin_post' at decoder\.layers\.1: tensor 'module\.1\.weight' "
-                                           r"is not a param of NeMo's LinearAdapter \(norm_position='post'\); expected"):
+    with pytest.raises(AdapterError, match=r"adapter 'lin_post': tensor 'decoder\.layers\.1\.adapter_layer\.lin_post\."
+                                           r"module\.1\.weight' is not a param of NeMo's LinearAdapter, "
+                                           r"norm_position='post'; expected \['module\.0\.weight', "):
         bad(ref, mutate)
 
 
@@ -215,7 +216,8 @@ def test_missing_tensor(ref):
 def test_shape_mismatch(ref):
     def mutate(state, config):
         config["lin_pre"]["dim"] = 5
-    with pytest.raises(AdapterError, match=r"tensor 'encoder\.layers\.0\.module\.1\.weight' for the Flax param "
+    with pytest.raises(AdapterError, match=r"tensor 'encoder\.layers\.0\.adapter_layer\.lin_pre\.module\.1\.weight' "
+                                           r"for the Flax param "
                                            r"'.*lin_pre/down/kernel' has shape \(16, 4\).*expects \(16, 5\)"):
         bad(ref, mutate)
 
@@ -260,6 +262,10 @@ def test_save_adapters_layout_needs_placement_and_matching_counts(ref):
                                            r"on 1: \['encoder/layers_0'\]"):
         ja.load_nemo_state_dict(lists, config, Tiny(), params, *inputs, name="lin_pre",
                                 targets={"encoder": "encoder/layers_0"})
+    lists["decoder:lin_post"][1]["lin_post.module.9.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(AdapterError, match=r"tensor 'decoder:lin_post\[1\] lin_post\.module\.9\.weight' is not a "
+                                           r"param of NeMo's LinearAdapter"):
+        ja.load_nemo_state_dict(lists, config, Tiny(), params, *inputs, name="lin_post", targets=TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------- files, torch-free errors
