@@ -33,22 +33,14 @@ module names are NeMo's (``targets={"encoder": "encoder/layers_*", ...}``, or an
 module the adapter lands on, in the order the model calls them (NeMo's ``modules()`` order
 for a model that calls its modules in the order it defines them).
 
-==================================  ==========================  =========
-NeMo param (torch layout)           jadapters param             layout
-==================================  ==========================  =========
-LinearAdapter, ``norm_position='pre'``: ``module.0`` LayerNorm, ``module.1`` / ``module.3`` Linear
-``module.0.weight`` / ``.bias``     ``norm/scale`` / ``bias``
-``module.1.weight`` (dim, in)       ``down/kernel`` (in, dim)   transpose
-``module.3.weight`` (in, dim)       ``up/kernel`` (dim, in)     transpose
-LinearAdapter, ``'post'``: ``module.0`` / ``module.2`` Linear, ``module.3`` LayerNorm
-``module.0.weight``                 ``down/kernel``             transpose
-``module.2.weight``                 ``up/kernel``               transpose
-``module.3.weight`` / ``.bias``     ``norm/scale`` / ``bias``
-MultiHeadAttentionAdapter
-``linear_{q,k,v,out}.weight``       ``linear_*/kernel``         transpose
-``linear_{q,k,v,out}.bias``         ``linear_*/bias``
-``pre_norm.weight`` / ``.bias``     ``pre_norm/scale`` / ``bias``
-==================================  ==========================  =========
+The params: NeMo's Linear weights ``(out, in)`` become Flax kernels ``(in, out)``, a
+LayerNorm's ``weight`` its ``scale``, biases stay biases.
+
+* LinearAdapter, ``norm_position='pre'``: ``module.0`` (LayerNorm) -> ``norm``,
+  ``module.1`` -> ``down``, ``module.3`` -> ``up`` (``module.2`` is the activation);
+* ``'post'``: ``module.0`` -> ``down``, ``module.2`` -> ``up``, ``module.3`` -> ``norm``;
+* MultiHeadAttentionAdapter: ``linear_q``, ``linear_k``, ``linear_v``, ``linear_out`` and
+  ``pre_norm`` keep their names.
 
 Reading torch files safely: ``torch.load(..., weights_only=True)`` only. ``__cfg__`` is a
 pickled ``DictConfig``, which that refuses; instead of allowing omegaconf's classes (whose
