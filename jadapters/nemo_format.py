@@ -55,7 +55,6 @@ omegaconf itself is not needed.
 from __future__ import annotations
 
 import _compat_pickle
-import io
 import pickletools
 import posixpath
 import re
@@ -518,9 +517,9 @@ def _globals(data: bytes, source: str) -> set[str]:
 
 
 def _torch_load(file: Any, source: str, config_allowed: bool) -> Any:
-    data = file.read()
+    """``torch.load(file, weights_only=True)`` after checking the pickle's globals; ``file`` is seekable."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(file) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pickles) != 1:
                 raise AdapterError(f"{source}: not a torch file (a zip with one data.pkl)")
@@ -545,7 +544,8 @@ def _torch_load(file: Any, source: str, config_allowed: bool) -> Any:
             (module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr))))]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            file.seek(0)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's UnpicklingError and corrupt data
         raise AdapterError(f"{source}: torch.load(weights_only=True) refused the file: {e}") from None
 
