@@ -33,6 +33,10 @@ module names are NeMo's (``targets={"encoder": "encoder/layers_*", ...}``, or an
 module the adapter lands on, in the order the model calls them (NeMo's ``modules()`` order
 for a model that calls its modules in the order it defines them).
 
+Layers inside ``nn.scan`` hold one stacked adapter: NeMo modules that map to one Flax path
+(``module_map``), or a ``save_adapters`` adapter that lands on one scanned path, fill it
+stacked in NeMo's module order.
+
 The params: NeMo's Linear weights ``(out, in)`` become Flax kernels ``(in, out)``, a
 LayerNorm's ``weight`` its ``scale``, biases stay biases.
 
@@ -321,15 +325,16 @@ def _placed_by_state_dict(state, chosen, adapters, model, params, module_map, ma
         if bare not in found:
             raise AdapterError(f"{source}: adapter {bare!r} is in the config but the weights hold no "
                                f"'<module>{ADAPTER_LAYER}{bare}.*' tensors")
-        per_module = {}
+        per_module = []  # (Flax path, tensor name prefix, params), in the state dict's (NeMo's module) order
         for module, params_of in found[bare].items():
             flax_path = to_flax(module)
             if not has_module(params, flax_path):
                 raise AdapterError(f"{source}: adapter {bare!r} is on NeMo's module {module!r} (Flax path "
                                    f"{flax_path!r}), which the model's params lack; pass module_map")
-            per_module[flax_path] = (f"{module}{ADAPTER_LAYER}{bare}.", params_of)
+            per_module.append((flax_path, f"{module}{ADAPTER_LAYER}{bare}.", params_of))
         adapter, strategy = _adapter_and_strategy(bare, adapters[bare], mask_argument)
-        adapted = adapted.add_adapter(bare, adapter, strategy=strategy, targets=list(per_module),
+        targets = list(dict.fromkeys(flax_path for flax_path, _, _ in per_module))
+        adapted = adapted.add_adapter(bare, adapter, strategy=strategy, targets=targets,
                                       enabled=bool(adapters[bare].get("enabled", True)))
         specs.append((bare, per_module))
     return adapted, specs
@@ -379,20 +384,23 @@ def _wanted(bare, cfg, new, per_module, order, source) -> dict:
     if order is not None:  # save_adapters' i-th state dict -> the i-th module in call order
         rank = {tuple(p.split("/")) if p else (): i for i, p in enumerate(order)}
         placed.sort(key=lambda p: rank.get(p, len(rank)))
+        stacked = any(k[-1] == "kernel" and len(v.shape) == 3 for k, v in flat.items())
+        if len(placed) == 1 and len(per_module) > 1 and stacked:  # a layer inside nn.scan: one stacked adapter
+            placed = placed * len(per_module)
         if len(placed) != len(per_module):
             raise AdapterError(f"{source}: adapter {bare!r}: the file holds {len(per_module)} module(s), the "
                                f"model places it on {len(placed)}: {['/'.join(p) for p in placed]} (check "
                                "targets= / global_modules=)")
         items = [(p, name, params) for p, (name, params) in zip(placed, per_module)]
     else:
-        items = [(tuple(p.split("/")), name, params) for p, (name, params) in per_module.items()]
+        items = [(tuple(p.split("/")), name, params) for p, name, params in per_module]
     kind = _kind(cfg)
     if kind == "MultiHeadAttentionAdapter":
         names, variant = _MHA, kind
     else:
         position = cfg.get("norm_position", "pre")
         names, variant = _LINEAR[position], f"{kind}, norm_position={position!r}"
-    wanted = {}
+    found: dict[tuple[str, ...], list[tuple[str, str, np.ndarray]]] = {}
     for path, prefix, params in items:  # prefix + param = the tensor's name in the file
         for param, array in params.items():
             if param not in names:
@@ -400,7 +408,17 @@ def _wanted(bare, cfg, new, per_module, order, source) -> dict:
                                    f"{variant}; expected {sorted(names)} after {prefix!r}")
             leaf = names[param]
             value = array.T if leaf[-1] == "kernel" else array
-            wanted[path + (ADAPTERS_KEY, bare) + leaf] = (prefix + param, "/".join(path), value)
+            found.setdefault(path + (ADAPTERS_KEY, bare) + leaf, []).append((prefix + param, "/".join(path), value))
+    wanted = {}
+    for key, tensors in found.items():
+        if len(tensors) == 1:
+            wanted[key] = tensors[0]
+        else:  # several NeMo modules on one Flax path (layers inside nn.scan): stacked in NeMo's module order
+            arrays = [a for _, _, a in tensors]
+            if len({a.shape for a in arrays}) > 1:
+                raise AdapterError(f"{source}: adapter {bare!r}: tensors {[t for t, _, _ in tensors]} go to one "
+                                   f"Flax param, {'/'.join(key)!r}, but their shapes differ")
+            wanted[key] = (", ".join(t for t, _, _ in tensors), tensors[0][1], np.stack(arrays))
     return wanted
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import tarfile
 import zipfile
 
@@ -62,6 +63,26 @@ class Tiny(nn.Module):
 
     def __call__(self, x, mask):
         return self.decoder(self.attention(self.encoder(x), mask))
+
+
+class ScanStep(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return Block(name="block")(x), None
+
+
+class ScanStack(nn.Module):
+    """The two blocks as one layer inside ``nn.scan``: params (and adapters) stacked on a leading axis."""
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(ScanStep, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(name="layers")(x, None)[0]
+
+
+class ScanTiny(Tiny):
+    def setup(self):
+        self.encoder, self.attention, self.decoder = ScanStack(), Attention(), ScanStack()
 
 
 def base_params(weights):
@@ -169,6 +190,22 @@ def test_one_adapter_by_name_onto_an_adapted_model_keeps_its_adapters(ref, loade
     want = loaded_from_state_dict[1]["params"]["decoder"]["layers_1"]["__adapters__"]["lin_post"]
     got = variables["params"]["decoder"]["layers_1"]["__adapters__"]["lin_post"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+def test_layers_inside_nn_scan_get_stacked_adapters(ref):
+    weights, config, params, inputs, expected = ref
+    p = params["params"]
+    stacked = lambda part: {"layers": {"block": jax.tree_util.tree_map(
+        lambda *a: jnp.stack(a), p[part]["layers_0"], p[part]["layers_1"])}}
+    scanned = {"params": {**p, "encoder": stacked("encoder"), "decoder": stacked("decoder")}}
+    to_flax = lambda name: re.sub(r"\.layers\.\d+$", "/layers/block", name)  # encoder.layers.1 -> encoder/layers/block
+    adapted, variables = ja.load_nemo_state_dict(model_state(weights), config, ScanTiny(), scanned, *inputs,
+                                                 module_map=to_flax, mask_argument=1)
+    check(adapted, variables, inputs, expected)
+    targets = {"encoder": "encoder/layers/block", "attention": "attention", "decoder": "decoder/layers/block"}
+    adapted, from_lists = ja.load_nemo_state_dict(saved_lists(weights), config, ScanTiny(), scanned, *inputs,
+                                                  targets=targets, mask_argument=1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_lists, variables)
 
 
 def test_name_rule_and_module_map():
