@@ -199,7 +199,7 @@ def load_nemo_state_dict(
     """
     adapters, modules_of = _read_config(config, source)
     listed = any(isinstance(v, (list, tuple)) for v in state.values())
-    chosen = _chosen(adapters, modules_of, name, state if listed else None, source)
+    chosen = _chosen(adapters, name, state if listed else None, source)
     if listed:
         adapted, specs = _placed_by_names(state, chosen, adapters, modules_of, model, targets, global_modules,
                                           mask_argument, source)
@@ -230,7 +230,7 @@ def _read_config(config: Mapping[str, Any], source: str) -> tuple[dict, dict]:
     return adapters, dict(meta.get("modules") or {})
 
 
-def _chosen(adapters: dict, modules_of: dict, name: Any, listed: Mapping | None, source: str) -> list[str]:
+def _chosen(adapters: dict, name: Any, listed: Mapping | None, source: str) -> list[str]:
     """The bare names to load, in the file's order."""
     available = list(adapters)
     if listed is not None:  # save_adapters' keys: 'module:name' or 'name'
@@ -291,9 +291,9 @@ def _adapter_and_strategy(bare: str, cfg: Mapping[str, Any], mask_argument: Any)
         raise AdapterError(f"adapter {bare!r}: NeMo's {kind} config {dict(cfg)} is not valid: {e}") from None
     strategy_cfg = cfg.get("adapter_strategy") or {}
     target = str(strategy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
-    residual = dict(stochastic_depth=float(strategy_cfg.get("stochastic_depth", 0.0)),
-                    l2_lambda=float(strategy_cfg.get("l2_lambda", 0.0)))
-    if target == "" and kind == "MultiHeadAttentionAdapter" or target == "MHAResidualAddAdapterStrategy":
+    residual = dict(stochastic_depth=_number(bare, strategy_cfg, "stochastic_depth", float, 0.0),
+                    l2_lambda=_number(bare, strategy_cfg, "l2_lambda", float, 0.0))
+    if target == "MHAResidualAddAdapterStrategy" or (target == "" and kind == "MultiHeadAttentionAdapter"):
         strategy = MHAResidualAdd(**residual, mask_argument=mask_argument)
     elif target in ("", "ResidualAddAdapterStrategy"):
         strategy = ResidualAdd(**residual)
