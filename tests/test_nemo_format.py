@@ -284,6 +284,12 @@ def test_enabled_flags_and_strategies_come_from_the_config(ref):
     assert adapted.get_adapter("lin_pre").strategy == ja.ResidualAdd(stochastic_depth=0.5)
     assert adapted.get_adapter("lin_post").strategy == ja.ReturnResult()
 
+    def other_strategy(state, config):
+        config["lin_pre"]["adapter_strategy"] = {"_target_": "my.CustomStrategy"}
+    with pytest.raises(AdapterError, match=r"adapter 'lin_pre': NeMo adapter strategy 'my\.CustomStrategy' is not "
+                                           "supported"):
+        bad(ref, other_strategy)
+
     def orphan(state, config):
         state["decoder.layers.0.adapter_layer.ghost.module.0.weight"] = np.zeros((3, 16), np.float32)
     with pytest.raises(AdapterError, match=r"tensor 'decoder\.layers\.0\.adapter_layer\.ghost\.module\.0\.weight' "
