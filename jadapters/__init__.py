@@ -54,6 +54,7 @@ from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
 from jadapters.peft_format import load_peft, save_peft
 from jadapters.adapterhub_format import load_adapterhub, save_adapterhub
+from jadapters.nemo_format import load_nemo_adapters, load_nemo_state_dict
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
@@ -140,6 +141,9 @@ __all__ = [
     # AdapterHub's format
     "load_adapterhub",
     "save_adapterhub",
+    # NeMo's adapter files
+    "load_nemo_adapters",
+    "load_nemo_state_dict",
     # errors
     "AdapterError",
     "UnknownAdapterError",
