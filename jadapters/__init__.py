@@ -47,6 +47,7 @@ from jadapters.checkpoint import (
     save_model,
     save_training_state,
 )
+from jadapters.combination import add_weighted_adapter, average_adapter
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
 from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
@@ -97,6 +98,9 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "unload_adapters",
+    # combining adapters
+    "add_weighted_adapter",
+    "average_adapter",
     # strategies
     "Strategy",
     "AdapterContext",
