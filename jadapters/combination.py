@@ -28,6 +28,7 @@ JAX key instead of torch's generator: the same maths, other random numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -422,32 +423,33 @@ def add_weighted_adapter(
 
     sites = _sites(specs, variables)
     arrays = {}
-    for location, site in enumerate(sites):
-        if site.is_conv and (combination_type in SVD_TYPES or how in ("ties", "magnitude_prune")):
+    kind = "cat" if combination_type == "cat" else "factors" if combination_type in FACTOR_TYPES else "svd"
+    for location, site in enumerate(sites):  # every check first: nothing is computed if one fails
+        if site.is_conv and (kind == "svd" or how in ("ties", "magnitude_prune")):
             raise AdapterError(f"{what}: combination_type {combination_type!r} at the Conv at {site.path!r} is not "
                                f"supported (use 'cat', 'linear', 'dare_linear' or 'dare_ties')")
-        keys = lambda factor, site=site, location=location: [
-            dare_keys(seed, location, i, factor) for i, *_ in site.entries]
-        options = dict(density=density, method=majority_sign_method, depth=site.depth)
-        dtype = site.entries[0][1].dtype
-        if combination_type == "cat":
-            a = jnp.concatenate([e[1] * (weights[e[0]] * e[3]) for e in site.entries], axis=-1)
-            b = jnp.concatenate([e[2] for e in site.entries], axis=-2)
-        elif combination_type in FACTOR_TYPES:
-            if len({e[1].shape for e in site.entries}) != 1:
-                raise AdapterError(
-                    f"{what}: at {site.path!r} the adapters have ranks "
-                    f"{ {adapters[e[0]]: e[1].shape[-1] for e in site.entries} } (rank_pattern), which "
-                    f"{combination_type!r} cannot combine factor by factor")
-            scaled = [weights[e[0]] * e[3] for e in site.entries]
-            root = [math.sqrt(abs(w)) for w in scaled]
-            a = _combine(how, [e[1].astype(jnp.float32) for e in site.entries],
-                         [r if w >= 0 else -r for r, w in zip(root, scaled)], keys=keys(0), **options)
-            b = _combine(how, [e[2].astype(jnp.float32) for e in site.entries], root, keys=keys(1), **options)
+        if kind == "factors" and len({e[1].shape for e in site.entries}) != 1:
+            raise AdapterError(
+                f"{what}: at {site.path!r} the adapters have ranks "
+                f"{ {adapters[e[0]]: e[1].shape[-1] for e in site.entries} } (rank_pattern), which "
+                f"{combination_type!r} cannot combine factor by factor")
+        if kind == "svd":
+            _check_svd_rank(site, new_rank, what)
+    for location, site in enumerate(sites):
+        a_list, b_list = [e[1] for e in site.entries], [e[2] for e in site.entries]
+        scaled = [weights[e[0]] * e[3] for e in site.entries]
+        dare = how.startswith("dare")
+        keys = [[dare_keys(seed, location, e[0], factor) for e in site.entries] if dare else None for factor in (0, 1)]
+        if kind == "cat":
+            wa, wb = scaled, [1.0] * len(scaled)
+        elif kind == "factors":  # the sign goes on A only
+            wb = [math.sqrt(abs(w)) for w in scaled]
+            wa = [r if w >= 0 else -r for r, w in zip(wb, scaled)]
         else:
-            a, b = _svd_factors(site, weights, how, new_rank, svd_clamp, keys(0), options, what,
-                                bool(svd_full_matrices))
-        a, b = _pad_rank(a.astype(dtype), b.astype(dtype), new_rank)
+            wa, wb = [weights[e[0]] for e in site.entries], [e[3] for e in site.entries]
+        a, b = _site_factors(a_list, b_list, jnp.asarray(wa, jnp.float32), jnp.asarray(wb, jnp.float32), *keys,
+                             kind=kind, how=how, rank=new_rank, density=density, method=majority_sign_method,
+                             clamp=svd_clamp, full_matrices=bool(svd_full_matrices), depth=site.depth)
         arrays[site.path] = (site.leaves, a, b)
 
     first = loras[0]
@@ -470,24 +472,44 @@ def _delta(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
 
 
-def _svd_factors(site: _Site, weights, how, rank, clamp, keys, options, what, full_matrices=True
-                 ) -> tuple[jax.Array, jax.Array]:
-    deltas = [e[3] * _delta(e[1], e[2]) for e in site.entries]
-    combined = _combine(how, deltas, [weights[e[0]] for e in site.entries], keys=keys, **options)
-    n_in, n_out = combined.shape[-2:]
+def _check_svd_rank(site: _Site, rank: int, what: str) -> None:
+    n_in, n_out = site.entries[0][1].shape[-2], site.entries[0][2].shape[-1]
     if rank > min(n_in, n_out):
         raise AdapterError(f"{what}: the SVD rank {rank} exceeds the layer at {site.path!r} ({n_in} in, "
                            f"{n_out} out)")
-    # torch's (out, in) orientation, as PEFT decomposes it (U takes the singular values).
-    u, s, vh = jnp.linalg.svd(jnp.swapaxes(combined, -1, -2), full_matrices=full_matrices)
-    u, vh = u[..., :rank] * s[..., None, :rank], vh[..., :rank, :]
-    if clamp is not None:
-        def clamped(u, vh):
-            high = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), clamp)
-            return jnp.clip(u, -high, high), jnp.clip(vh, -high, high)
 
-        u, vh = _mapped(clamped, site.depth)(u, vh)
-    return jnp.swapaxes(vh, -1, -2), jnp.swapaxes(u, -1, -2)
+
+@functools.partial(jax.jit, static_argnames=("kind", "how", "rank", "density", "method", "clamp", "full_matrices",
+                                             "depth"))
+def _site_factors(a_list, b_list, wa, wb, keys_a, keys_b, *, kind, how, rank, density, method, clamp,
+                  full_matrices, depth) -> tuple[jax.Array, jax.Array]:
+    """The new A and B at one layer (one compiled program per layer shape).
+
+    ``cat``: A_i scaled by ``wa``, ranks stacked. ``factors``: A and B combined separately with
+    ``wa`` / ``wb``. ``svd``: the updates ``wb_i A_i B_i`` combined with ``wa``, then factored.
+    """
+    dtype = a_list[0].dtype
+    options = dict(density=density, method=method, depth=depth)
+    if kind == "cat":
+        a = jnp.concatenate([x.astype(jnp.float32) * w for x, w in zip(a_list, wa)], axis=-1)
+        b = jnp.concatenate(b_list, axis=-2)
+    elif kind == "factors":
+        a = _combine(how, [x.astype(jnp.float32) for x in a_list], wa, keys=keys_a, **options)
+        b = _combine(how, [x.astype(jnp.float32) for x in b_list], wb, keys=keys_b, **options)
+    else:
+        deltas = [s * _delta(x, y) for x, y, s in zip(a_list, b_list, wb)]
+        combined = _combine(how, deltas, wa, keys=keys_a, **options)
+        # torch's (out, in) orientation, as PEFT decomposes it (U takes the singular values).
+        u, sv, vh = jnp.linalg.svd(jnp.swapaxes(combined, -1, -2), full_matrices=full_matrices)
+        u, vh = u[..., :rank] * sv[..., None, :rank], vh[..., :rank, :]
+        if clamp is not None:
+            def clamped(u, vh):
+                high = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), clamp)
+                return jnp.clip(u, -high, high), jnp.clip(vh, -high, high)
+
+            u, vh = _mapped(clamped, depth)(u, vh)
+        a, b = jnp.swapaxes(vh, -1, -2), jnp.swapaxes(u, -1, -2)
+    return _pad_rank(a.astype(dtype), b.astype(dtype), rank)
 
 
 # ---------------------------------------------------------------------------------- AdapterHub
@@ -595,11 +617,13 @@ def average_adapter(
                 raise AdapterError(f"{what}: not every adapter is at {site.path!r}")
             if site.is_conv:
                 raise AdapterError(f"{what}: 'lora_delta_w_svd' at the Conv at {site.path!r} is not supported")
-            one = dataclasses.replace(site, entries=tuple((i, a, b, 1.0) for i, a, b, _ in site.entries))
-            options = dict(density=None, method="total", depth=site.depth)
-            a, b = _svd_factors(one, weights, "linear", svd_rank, None, None, options, what)
-            dtype = site.entries[0][1].dtype
-            arrays[site.path] = (site.leaves, a.astype(dtype), b.astype(dtype))
+            _check_svd_rank(site, svd_rank, what)
+            ordered = site.entries
+            a, b = _site_factors([e[1] for e in ordered], [e[2] for e in ordered], jnp.asarray(weights, jnp.float32),
+                                 jnp.ones(len(ordered), jnp.float32), None, None, kind="svd", how="linear",
+                                 rank=svd_rank, density=None, method="total", clamp=None, full_matrices=True,
+                                 depth=site.depth)
+            arrays[site.path] = (site.leaves, a, b)
         lora = first.adapter.clone(rank=svd_rank, rank_pattern=())
         config = spec.config
         if config is not None and dataclasses.is_dataclass(config) and hasattr(config, "r"):

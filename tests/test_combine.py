@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 import reference  # noqa: E402
 
 import jadapters as ja  # noqa: E402
-from jadapters.combination import dare_keys, ties, task_arithmetic  # noqa: E402
+from jadapters.combination import dare_keys  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("combine")
 TOLERANCE = 1e-5
@@ -73,6 +73,24 @@ def jadapters_deltas(adapted, variables, name):
     return out
 
 
+def np_prune(t, density):
+    """PEFT's magnitude_based_pruning in numpy: keep the int(density * size) largest |entries|."""
+    flat = np.abs(t).ravel()
+    mask = np.zeros(flat.size)
+    mask[np.argsort(-flat, kind="stable")[: int(density * flat.size)]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def np_ties(tensors, weights, density, method="total"):
+    """PEFT's ties in numpy: prune, elect the sign from the unweighted tensors, disjoint mean."""
+    stacked = np.stack([np_prune(t, density) for t in tensors])
+    sign = np.sign(stacked)
+    elected = np.where((stacked.sum(0) if method == "total" else sign.sum(0)) >= 0, 1, -1)
+    mask = sign == elected
+    weighted = stacked * np.asarray(weights).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    return (weighted * mask).sum(0) / np.maximum(mask.sum(0), 1)
+
+
 def max_diff(a, b):
     assert sorted(a) == sorted(b)
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -101,7 +119,9 @@ def forward():
 
 # ---------------------------------------------------------------------------------- PEFT parity
 
-OUTPUT_CASES = {"linear", "linear_rslora_first", "cat", "svd", "ties", "magnitude_prune_svd"}
+# The updates above decide the outputs; a few cases check the wiring end to end (rsLoRA's scaling,
+# padded and stacked ranks, an embedding).
+OUTPUT_CASES = {"linear_rslora_first", "cat", "svd"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES["peft"]))
@@ -149,7 +169,8 @@ def test_combined_adapter_saves_loads_and_merges(peft_sources, forward, tmp_path
     module, params = reference.tiny_bert()
     loaded, loaded_vars = ja.load_adapters(path, module, params)
     assert loaded.adapter_names() == ["mix"]
-    assert np.array_equal(np.asarray(forward(loaded, loaded_vars, inputs)), np.asarray(out))
+    saved, _ = ja.split_adapters(new_vars, ["mix"])
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, ja.split_adapters(loaded_vars)[0], saved))
     base, merged = ja.merge_adapters(loaded, loaded_vars, *inputs)
     assert np.abs(np.asarray(base.apply(merged, *inputs)[0]) - np.asarray(out)).max() < TOLERANCE
 
@@ -207,7 +228,7 @@ def delta(adapted, variables, name):
     return jadapters_deltas(adapted, variables, name)[""]
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=3),
        weights=st.lists(st.floats(-2, 2, allow_nan=False), min_size=3, max_size=3), rslora=st.booleans())
 def test_laws_for_all_shapes(n_in, n_out, ranks, weights, rslora):
@@ -245,20 +266,18 @@ def test_ties_and_magnitude_prune_rank_each_layer_of_a_scan():
                           "lora_b": {"kernel": jnp.asarray(scale * rng.normal(size=(layers, r, n)), jnp.float32)}}
     v = {"params": {"kernel": jnp.zeros((layers, n, n)), "__adapters__": adapters}}
     weights = [0.7, -0.4]
+    root = [math.sqrt(abs(w * 2.0)) * np.sign(w) for w in weights]
     for kind in ("ties", "magnitude_prune"):
         new, nv = ja.add_weighted_adapter(adapted, v, ["a", "b"], weights, "t", kind, density=0.5)
-        got = nv["params"]["__adapters__"]["t"]["lora_a"]["kernel"]
-        root = [math.sqrt(abs(w * 2.0)) * np.sign(w) for w in weights]
+        got = np.asarray(nv["params"]["__adapters__"]["t"]["lora_a"]["kernel"])
         for layer in range(layers):
-            tensors = [adapters[s]["lora_a"]["kernel"][layer] for s in ("a", "b")]
+            tensors = [np.asarray(adapters[s]["lora_a"]["kernel"][layer], np.float64) for s in ("a", "b")]
             if kind == "ties":
-                want = ties(tensors, root, 0.5)
+                want = np_ties(tensors, root, 0.5)
             else:
-                from jadapters.combination import magnitude_prune
-
-                want = magnitude_prune(tensors, root, 0.5)
-            np.testing.assert_allclose(got[layer], want, rtol=1e-6)
-            assert int((np.asarray(got[layer]) != 0).sum()) >= 5  # int(0.5 * 10) kept per source, per layer
+                want = sum(w * np_prune(t, 0.5) for w, t in zip(root, tensors))
+            np.testing.assert_allclose(got[layer], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+            assert (got[layer] != 0).sum() >= 5  # int(0.5 * 10) kept per source, per layer
     new, nv = ja.add_weighted_adapter(adapted, v, ["a", "b"], weights, "s", "svd", svd_rank=2)
     d = delta(new, nv, "s")
     for layer in range(layers):
@@ -310,11 +329,12 @@ def test_dare_masks_follow_the_density_and_the_documented_keys():
     srcs = [v["params"]["__adapters__"][n] for n in ("a0", "a1")]
     root = [math.sqrt(abs(w)) for w in weights]
     for factor, leaf, w in ((0, "lora_a", [r * np.sign(x) for r, x in zip(root, weights)]), (1, "lora_b", root)):
-        masks = [jax.random.bernoulli(dare_keys(7, 0, i, factor), 0.3, srcs[i][leaf]["kernel"].shape) for i in (0, 1)]
-        want = task_arithmetic([m * s[leaf]["kernel"] / 0.3 for m, s in zip(masks, srcs)], w)
-        np.testing.assert_allclose(got[leaf]["kernel"], want, rtol=1e-6)
-        kept = np.mean([np.asarray(m).mean() for m in masks])
-        assert abs(kept - 0.3) < 0.05  # 320 + 240 entries per mask
+        masks = [np.asarray(jax.random.bernoulli(dare_keys(7, 0, i, factor), 0.3, srcs[i][leaf]["kernel"].shape))
+                 for i in (0, 1)]
+        want = sum(wi * m * np.asarray(s[leaf]["kernel"]) / 0.3 for wi, m, s in zip(w, masks, srcs))
+        np.testing.assert_allclose(got[leaf]["kernel"], want, rtol=1e-5, atol=1e-6)
+        kept = np.mean([m.mean() for m in masks])
+        assert abs(kept - 0.3) < 0.05  # 160 or 120 entries per mask
     # another seed, other masks; density 1 prunes nothing (dare_linear == linear, as in PEFT)
     _, other = ja.add_weighted_adapter(adapted, v, ["a0", "a1"], weights, "d", "dare_linear", density=0.3, seed=8)
     assert not np.array_equal(other["params"]["__adapters__"]["d"]["lora_a"]["kernel"], got["lora_a"]["kernel"])
@@ -386,3 +406,22 @@ def test_errors_name_the_problem():
     with pytest.raises(ja.AdapterError, match="'lora_linear_only_negate_b' is for LoRA adapters; 'p' is a LinearAdapter"):
         avg(lin.add_adapter("q", ja.LinearAdapter(2)), {"params": {}}, "n", ["p", "q"],
             combine_strategy="lora_linear_only_negate_b")
+
+
+def test_conv_loras_combine_elementwise_only():
+    """A Conv's LoRA factors hold a window: per-tensor types (ties, pruning, SVD) are refused there."""
+    conv = ja.with_adapters(nn.Conv(4, (3,)), {"conv": ""})
+    adapters = {}
+    for i in range(2):
+        conv = conv.add_adapter(f"c{i}", ja.LoRA(rank=2))
+        adapters[f"c{i}"] = {"lora_a": {"kernel": jnp.full((3, 5, 2), i + 1.0)},
+                             "lora_b": {"kernel": jnp.full((1, 2, 4), 0.5)}}
+    v = {"params": {"kernel": jnp.zeros((3, 5, 4)), "__adapters__": adapters}}
+    with pytest.raises(ja.AdapterError, match="'ties' at the Conv at '' is not supported"):
+        ja.add_weighted_adapter(conv, v, ["c0", "c1"], [1.0, 1.0], "n", "ties", density=0.5)
+    with pytest.raises(ja.AdapterError, match="'svd' at the Conv at '' is not supported"):
+        ja.add_weighted_adapter(conv, v, ["c0", "c1"], [1.0, 1.0], "n", "svd")
+    _, nv = ja.add_weighted_adapter(conv, v, ["c0", "c1"], [1.0, -1.0], "n", "cat")
+    new = nv["params"]["__adapters__"]["n"]
+    assert new["lora_a"]["kernel"].shape == (3, 5, 4) and new["lora_b"]["kernel"].shape == (1, 4, 4)
+    np.testing.assert_allclose(new["lora_a"]["kernel"][..., 2:], -2.0 * 4.0)  # w * scaling * A of c1
