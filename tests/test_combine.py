@@ -394,7 +394,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ja.AdapterError, match="cannot average adapters with different configurations"):
         avg(adapted, v, "n", ["a0", "a1"])
     same, sv = dense_model(3, 4, [2, 2], [4.0, 4.0])
-    with pytest.raises(ja.AdapterError, match="svd_rank \\(a positive int\\) must be set when using 'lora_delta_w_svd'"):
+    with pytest.raises(ja.AdapterError, match=r"svd_rank \(a positive int\) must be set when using 'lora_delta_w_svd'"):
         avg(same, sv, "n", ["a0", "a1"], combine_strategy="lora_delta_w_svd")
     with pytest.raises(ja.AdapterError, match=r"the weights \[1.0, -1.0\] sum to zero"):
         avg(same, sv, "n", ["a0", "a1"], weights=[1.0, -1.0])
@@ -403,7 +403,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ja.AdapterError, match="unknown adapter 'zz'"):
         avg(same, sv, "n", ["a0", "zz"])
     lin = ja.with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("p", ja.LinearAdapter(2))
-    with pytest.raises(ja.AdapterError, match="'lora_linear_only_negate_b' is for LoRA adapters; 'p' is a LinearAdapter"):
+    with pytest.raises(ja.AdapterError, match="'lora_linear_only_negate_b' is for LoRA adapters; 'p' is a Linear"):
         avg(lin.add_adapter("q", ja.LinearAdapter(2)), {"params": {}}, "n", ["p", "q"],
             combine_strategy="lora_linear_only_negate_b")
 
