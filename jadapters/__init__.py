@@ -48,6 +48,7 @@ from jadapters.checkpoint import (
     save_training_state,
 )
 from jadapters.bank import AdapterBank, AdapterBankConfig, clear_slot, hotswap_adapter
+from jadapters.combination import add_weighted_adapter, average_adapter
 from jadapters.context import LOSS_COLLECTION, AdapterContext, sum_adapter_losses
 from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
@@ -104,6 +105,9 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "unload_adapters",
+    # combining adapters
+    "add_weighted_adapter",
+    "average_adapter",
     # strategies
     "Strategy",
     "AdapterContext",
