@@ -60,6 +60,7 @@ from jadapters.summary import adapter_summary
 from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
 from jadapters.tree import count_parameters, merge_trees, split_adapters
+from jadapters.union import ConfigUnion, MAMConfig, UniPELTConfig
 
 __version__ = "0.2.0"
 
@@ -93,6 +94,9 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
+    "ConfigUnion",
+    "MAMConfig",
+    "UniPELTConfig",
     # merging into the base
     "merge_adapters",
     "unmerge_adapters",
