@@ -47,6 +47,7 @@ LoRA and IA3 go exactly on the modules the file holds tensors for.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -64,7 +65,7 @@ from jadapters.configs import parse_method
 from jadapters.errors import AdapterError
 from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
                                read_dir, torch_to_flax, write_dir)
-from jadapters.transform import AdaptedModule, AdapterSpec
+from jadapters.transform import AdaptedModule, AdapterGroup, AdapterSpec
 from jadapters.union import PART_SEPARATOR, ConfigUnion
 from jadapters.tree import ADAPTERS_KEY, merge_trees
 
@@ -497,8 +498,41 @@ def save_adapterhub(
         >>> config["architecture"], config["intermediate_lora"], config["output_lora"]
         ('lora', True, False)
     """
-    spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
     to_torch = flax_to_torch(module_map)
+    group = _group(adapted, name)
+    if group is None:
+        spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
+        config, tensors = _save_one(spec, modules, to_torch)
+        file_name = spec.name
+    else:  # a union: each part under the union's name, AdapterHub's ConfigUnion as the config
+        configs, tensors, modules = [], {}, {}
+        for part in group.parts:
+            spec, part_modules = adapter_params(adapted, variables, part.name, "save_adapterhub")
+            part_config, part_tensors = _save_one(dataclasses.replace(spec, name=group.name), part_modules, to_torch)
+            configs.append(part_config)
+            tensors.update(part_tensors)
+            for flax_path, leaves in part_modules.items():
+                modules.setdefault(flax_path, {}).update(leaves)
+        config, file_name = {"architecture": "union", "configs": configs}, group.name
+    full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
+            "model_type": None, "name": file_name, "version": VERSION}
+    write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+
+
+def _group(adapted: AdaptedModule, name: str | None) -> AdapterGroup | None:
+    """The union ``name`` addresses (None: the model's only adapter, if that is a union), else None."""
+    if not isinstance(adapted, AdaptedModule):
+        return None
+    if name is None:
+        groups = {s.group for s in adapted.adapters}
+        if len(groups) != 1 or None in groups:
+            return None
+        name = groups.pop()
+    found = adapted.get_adapter(name) if isinstance(name, str) and name in adapted._groups() else None
+    return found if isinstance(found, AdapterGroup) else None
+
+
+def _save_one(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
     if isinstance(spec.adapter, Bottleneck):
         config, tensors = _save_bottleneck(spec, modules, to_torch)
     elif isinstance(spec.adapter, LoRA):
@@ -506,16 +540,14 @@ def save_adapterhub(
     elif isinstance(spec.adapter, IA3):
         config, tensors = _save_ia3(spec, modules, to_torch)
     elif isinstance(spec.adapter, PrefixTuning):
-        config, tensors = _save_prefix(spec, modules)
+        config, tensors = _save_prefix(spec, modules, to_torch)
     elif isinstance(spec.adapter, PromptTuning):
         config, tensors = _save_prompt(spec, modules)
     else:
         raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
                            "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3, prefix and prompt "
-                           "tuning")
-    full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
-            "model_type": None, "name": spec.name, "version": VERSION}
-    write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+                           "tuning, and unions of bottleneck, LoRA and prefix tuning")
+    return config, tensors
 
 
 def _hidden_size(modules: dict) -> int | None:
@@ -577,10 +609,11 @@ def _lora_places(name: str, torch_names: list[str]) -> dict:
             "intermediate_lora": "intermediate_lora" in found, "output_lora": "output_lora" in found}
 
 
-def _lora_fields(r: int, alpha: float, dropout: float, mode: str, places: dict, init: str) -> dict:
+def _lora_fields(r: int, alpha: float, dropout: float, mode: str, places: dict, init: str,
+                 gated: bool = False) -> dict:
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     return {"architecture": "lora", **places, "r": r, "alpha": alpha, "dropout": dropout, "composition_mode": mode,
-            "init_weights": init, "init_weights_seed": None, "leave_out": [], "use_gating": False, "use_dora": False,
+            "init_weights": init, "init_weights_seed": None, "leave_out": [], "use_gating": gated, "use_dora": False,
             "dtype": None, "vera_b": None, "vera_d": None}
 
 
@@ -596,14 +629,15 @@ def _save_lora(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str])
             raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: AdapterHub's LoRA has one rank and alpha "
                                "for all modules (no rank_pattern / alpha_pattern)")
         for leaf, array in leaves.items():
-            if leaf not in ("lora_a/kernel", "lora_b/kernel"):
+            tensor = {"lora_a/kernel": "lora_A", "lora_b/kernel": "lora_B", "gate/kernel": "gate.weight",
+                      "gate/bias": "gate.bias"}.get(leaf)
+            if tensor is None:
                 raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: param {leaf!r} has no AdapterHub "
-                                   "tensor name (only Linear layers' lora_A / lora_B)")
-            tensor = "lora_A" if leaf.startswith("lora_a") else "lora_B"
+                                   "tensor name (only Linear layers' lora_A / lora_B and a gate)")
             tensors[f"{to_torch(flax_path)}.loras.{spec.name}.{tensor}"] = _linear(spec.name, flax_path, leaf,
-                                                                                   array, True)
+                                                                                   array, leaf.endswith("kernel"))
     places = _lora_places(spec.name, [to_torch(p) for p in modules])
-    return _lora_fields(lora.rank, lora.alpha, lora.dropout, "add", places, "lora"), tensors
+    return _lora_fields(lora.rank, lora.alpha, lora.dropout, "add", places, "lora", lora.use_gating), tensors
 
 
 def _save_ia3(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
@@ -617,13 +651,20 @@ def _save_ia3(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) 
     return _lora_fields(1, 1, 0.0, "scale", places, "ia3"), tensors
 
 
-def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
+def _save_prefix(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
     config = _method_config(spec)
     if not isinstance(config, PrefixTuningConfig) or config.style != "adapterhub":
         raise AdapterError(f"adapter {spec.name!r}: only AdapterHub-style prefix tuning (style='adapterhub') has "
                            "AdapterHub's semantics")
     root = f"prefix_tuning.prefix_tunings.{spec.name}.self_prefix."
-    layers = [modules[p] for p in sorted(modules, key=_natural)]
+    gates = {}
+    for flax_path in modules:
+        for leaf in [leaf for leaf in modules[flax_path] if leaf.startswith("gate/")]:
+            tensor = "weight" if leaf == "gate/kernel" else "bias"
+            gates[f"{to_torch(flax_path)}.prefix_tuning.prefix_gates.{spec.name}.{tensor}"] = _linear(
+                spec.name, flax_path, leaf, modules[flax_path][leaf], tensor == "weight")
+    layers = [{k: v for k, v in modules[p].items() if not k.startswith("gate/")}
+              for p in sorted(modules, key=_natural)]
     if spec.adapter.projection:
         first = layers[0]
         for leaf in ("embedding", "down/kernel", "down/bias"):
@@ -641,8 +682,9 @@ def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
     fields = {"architecture": "prefix_tuning", "prefix_length": adapter.length, "flat": not adapter.projection,
               "bottleneck_size": adapter.hidden or 512, "non_linearity": adapter.non_linearity,
               "dropout": adapter.dropout, "cross_prefix": config.cross_prefix, "encoder_prefix": True,
-              "leave_out": [], "use_gating": False, "shared_gating": True, "init_weights_seed": None}
-    return fields, tensors
+              "leave_out": [], "use_gating": adapter.use_gating, "shared_gating": adapter.shared_gating,
+              "init_weights_seed": None}
+    return fields, {**tensors, **gates}
 
 
 def _save_prompt(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
