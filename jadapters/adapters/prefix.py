@@ -299,6 +299,8 @@ class PrefixTuningConfig(MethodConfig):
             hidden = 512
             non_linearity = 'tanh'
             dropout = 0.0
+            use_gating = False
+            shared_gating = True
             dtype = None
             param_dtype = float32
         )
