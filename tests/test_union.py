@@ -256,3 +256,27 @@ def test_load_adapterhub_union_errors(bert, tmp_path):
         ja.load_adapterhub(copy(extra_tensor="encoder.layer.0.x"), module, base, *inputs)
     with pytest.raises(ja.AdapterError, match="a union's config needs 'configs'"):
         ja.load_adapterhub(copy(lambda c: c.pop("configs")), module, base, *inputs)
+
+
+def test_adapterhub_loads_the_unions_save_adapterhub_writes(bert, loaded, tmp_path):
+    """Real AdapterHub (torch) loads jadapters' MAM and UniPELT and gives its own reference output.
+
+    Skipped without torch and ``adapters``; run it as ``test_adapterhub_loads_what_save_adapterhub_writes``
+    in tests/test_adapterhub_format.py says.
+    """
+    torch = pytest.importorskip("torch")
+    adapters = pytest.importorskip("adapters")
+    from transformers import BertModel
+
+    data = {k: torch.tensor(v).long() for k, v in reference.inputs().items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")}
+    for case, (adapted, variables) in loaded.items():
+        ja.save_adapterhub(tmp_path / case, adapted, variables)
+        with torch.no_grad():
+            model = BertModel.from_pretrained(reference.FIXTURES / "base", add_pooling_layer=False,
+                                              attn_implementation="eager")
+            adapters.init(model)
+            model.load_adapter(str(tmp_path / case), set_active=True, use_safetensors=True)
+            theirs = model.eval()(**data).last_hidden_state.numpy()
+        np.testing.assert_allclose(theirs, reference.expected(f"adapters/{case}")["last_hidden_state"],
+                                   atol=TOLERANCE, rtol=0, err_msg=case)
