@@ -120,6 +120,10 @@ def test_a_union_is_one_adapter_name(bert, loaded, tmp_path):
         adapted.add_adapter("a.lora", "seq_bn")
     with pytest.raises(ja.UnknownAdapterError, match="no adapter named 'b'"):
         adapted.set_enabled_adapters("b")
+    with pytest.raises(ja.UnknownAdapterError, match=r"no adapter named 'a.prompt'; the model has \['a.prefix_tuning'"):
+        adapted.get_adapter("a.prompt")  # an unknown part
+    with pytest.raises(ja.AdapterError, match="adapter 'u': a union of methods takes each part's own strategy"):
+        adapted.add_adapter("u", "mam", strategy=ja.ResidualAdd())
 
     # Checkpoints save and load the union by its name, parts and grouping included.
     other = ja.LinearAdapter(2)
