@@ -91,7 +91,8 @@ def test_adapterhub_parity_and_the_configs_defaults(bert, loaded, case, tmp_path
     # save_adapterhub writes AdapterHub's tensors and union config back.
     folder = reference.adapterhub_dir(case, None)
     ja.save_adapterhub(tmp_path, adapted, variables)
-    theirs, ours = reference.weights(folder / "adapter.safetensors"), reference.weights(tmp_path / "adapter.safetensors")
+    theirs = reference.weights(folder / "adapter.safetensors")
+    ours = reference.weights(tmp_path / "adapter.safetensors")
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
