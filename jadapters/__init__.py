@@ -63,6 +63,7 @@ from jadapters.summary import adapter_summary
 from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
 from jadapters.tree import count_parameters, merge_trees, split_adapters
+from jadapters.union import ConfigUnion, MAMConfig, UniPELTConfig
 
 __version__ = "0.2.0"
 
@@ -96,6 +97,9 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
+    "ConfigUnion",
+    "MAMConfig",
+    "UniPELTConfig",
     # many adapters on one base: per-row banks, hot-swapping
     "AdapterBank",
     "AdapterBankConfig",

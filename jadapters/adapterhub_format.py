@@ -5,9 +5,11 @@
 bottlenecks (``seq_bn``, ``double_seq_bn``, ``par_bn``, ``scaled_par_bn`` and
 any other ``BnConfig``), Compacter (``compacter``, ``compacter++``), LoRA, IA3
 (AdapterHub's: it scales the adapted layers' outputs), prefix tuning (flat
-or through its reparametrisation MLP) and prompt tuning. :func:`save_adapterhub` writes one of
-jadapters' adapters of those methods so that AdapterHub's ``load_adapter``
-reads it.
+or through its reparametrisation MLP), prompt tuning, gated LoRA, prefix and
+bottlenecks, and unions of bottleneck, LoRA and prefix tuning (``mam``,
+``unipelt``: a :class:`jadapters.ConfigUnion` under the file's name).
+:func:`save_adapterhub` writes one of jadapters' adapters of those methods
+(a union by its name) in AdapterHub's layout.
 
 The name rule: AdapterHub's tensor ``<torch module>.adapters.<name>.<tensor>``
 (bottlenecks) or ``<torch module>.loras.<name>.<tensor>`` (LoRA, IA3) is the
@@ -26,6 +28,8 @@ AdapterHub tensor                          jadapters param under the adapter    
 ``adapter_down.0.W_left`` (PHM) etc.       ``adapter_down/W_left``
 ``adapter_norm_before.weight``             ``adapter_norm_before/scale``
 ``gate.weight`` / ``scaling``              ``gate/kernel`` / ``scaling``           transpose
+``loras.<name>.gate.weight`` / ``.bias``   ``gate/kernel`` / ``gate/bias``         transpose
+``prefix_tuning.prefix_gates.<name>.*``    the attention layer's ``gate``          transpose
 ``shared_parameters.<name>.phm_rule``      ``__shared__/phm_rule`` at the root
 ``loras.<name>.lora_A`` / ``lora_B``       ``lora_a/kernel`` / ``lora_b/kernel``   transpose
 ``loras.<name>.lora_B`` (IA3, (out, 1))    ``ia3_l`` (out,), times ``alpha``        ravel
@@ -43,6 +47,7 @@ LoRA and IA3 go exactly on the modules the file holds tensors for.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -60,7 +65,8 @@ from jadapters.configs import parse_method
 from jadapters.errors import AdapterError
 from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_params, flax_to_torch, has_module,
                                read_dir, torch_to_flax, write_dir)
-from jadapters.transform import AdaptedModule, AdapterSpec
+from jadapters.transform import AdaptedModule, AdapterGroup, AdapterSpec
+from jadapters.union import PART_SEPARATOR, ConfigUnion
 from jadapters.tree import ADAPTERS_KEY, merge_trees
 
 __all__ = ["load_adapterhub", "save_adapterhub", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -89,7 +95,9 @@ _KNOWN = {
                       "init_weights_seed"},
     "prompt_tuning": {"architecture", "prompt_length", "prompt_init", "prompt_init_text", "combine",
                       "init_weights_seed"},
+    "union": {"architecture", "configs"},
 }
+_PART_ARCHITECTURES = ("bottleneck", "lora", "prefix_tuning")
 #: AdapterHub's LoRA ``attn_matrices`` letters and FFN switches -> the last parts of BERT-like torch names.
 _LORA_PLACES = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
                 "intermediate_lora": "intermediate.dense", "output_lora": "output.dense"}
@@ -200,7 +208,14 @@ def load_adapterhub(
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
     locate = _locator(path, torch_to_flax(module_map), params, module_map is None)
 
-    if architecture == "bottleneck":
+    if architecture == "union":
+        method, parts = _union_config(path, config, tensors, file_name, locate)
+        adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
+        wanted = {}
+        for suffix, (part_architecture, part_config, part_tensors) in zip(method.part_names(), parts):
+            wanted.update(_wanted(path, part_architecture, part_config, part_tensors, file_name,
+                                  f"{name}{PART_SEPARATOR}{suffix}", locate, new))
+    elif architecture == "bottleneck":
         method = _config(path, BnConfig, {k: config[k] for k in _BN_FIELDS if k in config})
         adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
         wanted = _bottleneck_wanted(path, tensors, file_name, name, locate)
@@ -210,7 +225,7 @@ def load_adapterhub(
     elif architecture == "prefix_tuning":
         method = _prefix_config(path, config)
         adapted, new, rest = add_and_init(model, name, method, variables, *inputs, **kwargs)
-        wanted = _prefix_wanted(path, tensors, file_name, name, new, method.projection)
+        wanted = _prefix_wanted(path, tensors, file_name, name, new, method.projection, locate)
     else:
         fields = {k: config[k] for k in ("prompt_length", "prompt_init", "combine") if k in config}
         method = _config(path, PromptTuningConfig, {"style": "adapterhub", **fields})
@@ -218,6 +233,64 @@ def load_adapterhub(
         wanted = _prompt_wanted(path, tensors, file_name, new)
     new = fill_params(path / WEIGHTS_NAME, new, wanted, name, _hint(architecture, file_name))
     return adapted, merge_trees(rest, new)
+
+
+def _union_config(path: Path, config: dict, tensors: Mapping[str, np.ndarray], file_name: str,
+                  locate: Callable[[str, str], str]) -> tuple[ConfigUnion, list]:
+    """AdapterHub's ``ConfigUnion`` -> jadapters' and, per part, ``(architecture, config, its tensors)``."""
+    subs = config.get("configs")
+    if not isinstance(subs, list) or not subs:
+        raise AdapterError(f"{path / CONFIG_NAME}: a union's config needs 'configs', a list of method configs")
+    claimed: set[str] = set()
+    parts = []
+    for sub in subs:
+        architecture = sub.get("architecture") or "bottleneck"
+        if architecture not in _PART_ARCHITECTURES:
+            raise AdapterError(f"{path / CONFIG_NAME}: a union's part of architecture {architecture!r} is not "
+                               f"supported; jadapters loads unions of {list(_PART_ARCHITECTURES)}")
+        unknown = sorted(set(sub) - _KNOWN[architecture])
+        if unknown:
+            warnings.warn(f"{path / CONFIG_NAME}: ignoring config field(s) jadapters does not know: {unknown}",
+                          stacklevel=3)
+        mine = {t: a for t, a in tensors.items() if _part_of(t, file_name) == architecture}
+        claimed |= set(mine)
+        if architecture == "bottleneck":
+            method = _config(path, BnConfig, {k: sub[k] for k in _BN_FIELDS if k in sub})
+        elif architecture == "lora":
+            method, _ = _lora(path, sub, mine, file_name, file_name, locate)
+        else:
+            method = _prefix_config(path, sub)
+        parts.append((architecture, method, mine))
+    extra = sorted(set(tensors) - claimed)
+    if extra:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: tensor(s) {extra} belong to no part of the union "
+                           f"{[a for a, _, _ in parts]}")
+    try:
+        return ConfigUnion(*(method for _, method, _ in parts)), parts
+    except ValueError as e:
+        raise AdapterError(f"{path / CONFIG_NAME}: config not supported: {e}") from None
+
+
+def _part_of(tensor: str, file_name: str) -> str | None:
+    """The architecture an AdapterHub tensor belongs to, by its name."""
+    if f".adapters.{file_name}." in tensor or tensor.startswith(f"shared_parameters.{file_name}."):
+        return "bottleneck"
+    if f".loras.{file_name}." in tensor:
+        return "lora"
+    if tensor.startswith(f"prefix_tuning.prefix_tunings.{file_name}.") or f".prefix_gates.{file_name}." in tensor:
+        return "prefix_tuning"
+    return None
+
+
+def _wanted(path: Path, architecture: str, method: Any, tensors: Mapping[str, np.ndarray], file_name: str,
+            name: str, locate: Callable[[str, str], str], new: Mapping) -> dict:
+    """One union part's ``{Flax param key: (tensor, Flax path, array)}``."""
+    if architecture == "bottleneck":
+        return _bottleneck_wanted(path, tensors, file_name, name, locate)
+    if architecture == "lora":
+        return _lora(path, {"composition_mode": "add", "use_gating": method.use_gating}, tensors, file_name, name,
+                     locate)[1]
+    return _prefix_wanted(path, tensors, file_name, name, new, method.projection, locate)
 
 
 def _hint(architecture: str, file_name: str) -> str:
@@ -279,9 +352,9 @@ def _bottleneck_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name:
 
 def _lora(path: Path, config: dict, tensors: Mapping[str, np.ndarray], file_name: str, name: str,
           locate: Callable[[str, str], str]) -> tuple[Any, dict]:
-    for flag in ("use_gating", "use_dora"):
-        if config.get(flag):
-            raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's LoRA with {flag}=True is not supported")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's LoRA with use_dora=True is not supported")
+    gated = bool(config.get("use_gating"))
     if config.get("vera_d") is not None or config.get("vera_b") is not None:
         raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's VeRA (vera_d / vera_b) is not supported")
     mode = config.get("composition_mode", "add")
@@ -297,33 +370,41 @@ def _lora(path: Path, config: dict, tensors: Mapping[str, np.ndarray], file_name
             wanted[(*at, "ia3_l")] = (tensor, flax_path, np.ravel(array) * np.asarray(alpha, array.dtype))
         elif mode == "add" and leaf in ("lora_A", "lora_B"):
             wanted[(*at, leaf.lower(), "kernel")] = (tensor, flax_path, array.T)
+        elif mode == "add" and gated and leaf in ("gate.weight", "gate.bias"):
+            wanted[(*at, "gate", "kernel" if leaf.endswith("weight") else "bias")] = (
+                tensor, flax_path, array.T if leaf.endswith("weight") else array)
         else:
             raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {tensor!r} is not supported for composition_mode "
-                               f"{mode!r} (expected lora_A and lora_B, or IA3's lora_B)")
+                               f"{mode!r} (expected lora_A and lora_B (and a gate with use_gating), or IA3's "
+                               "lora_B)")
     if not paths:
         raise AdapterError(f"{path / WEIGHTS_NAME}: no adapter tensors in the file")
     targets = tuple(paths.values())
     if mode == "scale":
+        if gated:
+            raise AdapterError(f"{path / CONFIG_NAME}: AdapterHub's IA3 with use_gating=True is not supported")
         return _config(path, IA3Config, {"target_modules": targets, "feedforward_modules": ()}), wanted
     fields = {"r": config.get("r", 8), "lora_alpha": alpha, "target_modules": targets,
-              "lora_dropout": float(config.get("dropout") or 0.0)}
+              "lora_dropout": float(config.get("dropout") or 0.0), "use_gating": gated}
     return _config(path, LoraConfig, fields), wanted
 
 
 def _prefix_config(path: Path, config: dict) -> PrefixTuningConfig:
-    if config.get("use_gating"):
-        raise AdapterError(f"{path / CONFIG_NAME}: gated prefix tuning (use_gating=True) is not supported")
     if config.get("leave_out") or config.get("encoder_prefix") is False:
         raise AdapterError(f"{path / CONFIG_NAME}: prefix tuning with leave_out or encoder_prefix=False is not "
                            "supported")
     fields = {k: config[k] for k in ("prefix_length", "flat", "bottleneck_size", "non_linearity", "dropout",
-                                     "cross_prefix") if k in config}
+                                     "cross_prefix", "use_gating", "shared_gating") if k in config}
     return _config(path, PrefixTuningConfig, {"style": "adapterhub", **fields})
 
 
 def _prefix_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str, name: str, new: Mapping,
-                   projection: bool) -> dict:
-    """AdapterHub's one pool for all layers -> each attention layer's params (in the model's order)."""
+                   projection: bool, locate: Callable[[str, str], str]) -> dict:
+    """AdapterHub's one pool for all layers -> each attention layer's params (in the model's order); gates
+    ``<attention>.prefix_tuning.prefix_gates.<name>.*`` -> that attention layer's ``gate``."""
+    gate_marker = f".prefix_tuning.prefix_gates.{file_name}."
+    gates = {t: a for t, a in tensors.items() if gate_marker in t}
+    tensors = {t: a for t, a in tensors.items() if t not in gates}
     root = f"prefix_tuning.prefix_tunings.{file_name}.self_prefix."
     needed = ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
               "control_trans.2.bias") if projection else ("control_trans",)
@@ -332,9 +413,14 @@ def _prefix_wanted(path: Path, tensors: Mapping[str, np.ndarray], file_name: str
     if extra or lacking:
         raise AdapterError(f"{path / WEIGHTS_NAME}: prefix tuning (flat={not projection}) expects the tensors "
                            f"{[root + t for t in needed]}; missing {lacking}, not supported {extra}")
-    layers = sorted({"/".join(k[: k.index(ADAPTERS_KEY)]) for k in traverse_util.flatten_dict(new["params"])},
-                    key=_natural)
+    layers = sorted({"/".join(k[: k.index(ADAPTERS_KEY)]) for k in traverse_util.flatten_dict(new["params"])
+                     if k[k.index(ADAPTERS_KEY) + 1] == name}, key=_natural)
     wanted = {}
+    for tensor, array in sorted(gates.items()):
+        module, leaf = _split(path, tensor, gate_marker)
+        flax_path = locate(module, tensor)
+        key = (*flax_path.split("/"), ADAPTERS_KEY, name, "gate", "kernel" if leaf == "weight" else "bias")
+        wanted[key] = (tensor, flax_path, array.T if leaf == "weight" else array)
     for index, flax_path in enumerate(layers):
         at = (*flax_path.split("/"), ADAPTERS_KEY, name)
         if projection:
@@ -412,8 +498,41 @@ def save_adapterhub(
         >>> config["architecture"], config["intermediate_lora"], config["output_lora"]
         ('lora', True, False)
     """
-    spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
     to_torch = flax_to_torch(module_map)
+    group = _group(adapted, name)
+    if group is None:
+        spec, modules = adapter_params(adapted, variables, name, "save_adapterhub")
+        config, tensors = _save_one(spec, modules, to_torch)
+        file_name = spec.name
+    else:  # a union: each part under the union's name, AdapterHub's ConfigUnion as the config
+        configs, tensors, modules = [], {}, {}
+        for part in group.parts:
+            spec, part_modules = adapter_params(adapted, variables, part.name, "save_adapterhub")
+            part_config, part_tensors = _save_one(dataclasses.replace(spec, name=group.name), part_modules, to_torch)
+            configs.append(part_config)
+            tensors.update(part_tensors)
+            for flax_path, leaves in part_modules.items():
+                modules.setdefault(flax_path, {}).update(leaves)
+        config, file_name = {"architecture": "union", "configs": configs}, group.name
+    full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
+            "model_type": None, "name": file_name, "version": VERSION}
+    write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+
+
+def _group(adapted: AdaptedModule, name: str | None) -> AdapterGroup | None:
+    """The union ``name`` addresses (None: the model's only adapter, if that is a union), else None."""
+    if not isinstance(adapted, AdaptedModule):
+        return None
+    if name is None:
+        groups = {s.group for s in adapted.adapters}
+        if len(groups) != 1 or None in groups:
+            return None
+        name = groups.pop()
+    found = adapted.get_adapter(name) if isinstance(name, str) and name in adapted._groups() else None
+    return found if isinstance(found, AdapterGroup) else None
+
+
+def _save_one(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
     if isinstance(spec.adapter, Bottleneck):
         config, tensors = _save_bottleneck(spec, modules, to_torch)
     elif isinstance(spec.adapter, LoRA):
@@ -421,16 +540,14 @@ def save_adapterhub(
     elif isinstance(spec.adapter, IA3):
         config, tensors = _save_ia3(spec, modules, to_torch)
     elif isinstance(spec.adapter, PrefixTuning):
-        config, tensors = _save_prefix(spec, modules)
+        config, tensors = _save_prefix(spec, modules, to_torch)
     elif isinstance(spec.adapter, PromptTuning):
         config, tensors = _save_prompt(spec, modules)
     else:
         raise AdapterError(f"adapter {spec.name!r} is a {type(spec.adapter).__name__}, which AdapterHub has no "
                            "format for; save_adapterhub writes bottlenecks, Compacter, LoRA, IA3, prefix and prompt "
-                           "tuning")
-    full = {"config": config, "hidden_size": _hidden_size(modules), "model_class": None, "model_name": None,
-            "model_type": None, "name": spec.name, "version": VERSION}
-    write_dir(Path(path), CONFIG_NAME, full, WEIGHTS_NAME, tensors, "AdapterHub")
+                           "tuning, and unions of bottleneck, LoRA and prefix tuning")
+    return config, tensors
 
 
 def _hidden_size(modules: dict) -> int | None:
@@ -492,10 +609,11 @@ def _lora_places(name: str, torch_names: list[str]) -> dict:
             "intermediate_lora": "intermediate_lora" in found, "output_lora": "output_lora" in found}
 
 
-def _lora_fields(r: int, alpha: float, dropout: float, mode: str, places: dict, init: str) -> dict:
+def _lora_fields(r: int, alpha: float, dropout: float, mode: str, places: dict, init: str,
+                 gated: bool = False) -> dict:
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     return {"architecture": "lora", **places, "r": r, "alpha": alpha, "dropout": dropout, "composition_mode": mode,
-            "init_weights": init, "init_weights_seed": None, "leave_out": [], "use_gating": False, "use_dora": False,
+            "init_weights": init, "init_weights_seed": None, "leave_out": [], "use_gating": gated, "use_dora": False,
             "dtype": None, "vera_b": None, "vera_d": None}
 
 
@@ -511,14 +629,15 @@ def _save_lora(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str])
             raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: AdapterHub's LoRA has one rank and alpha "
                                "for all modules (no rank_pattern / alpha_pattern)")
         for leaf, array in leaves.items():
-            if leaf not in ("lora_a/kernel", "lora_b/kernel"):
+            tensor = {"lora_a/kernel": "lora_A", "lora_b/kernel": "lora_B", "gate/kernel": "gate.weight",
+                      "gate/bias": "gate.bias"}.get(leaf)
+            if tensor is None:
                 raise AdapterError(f"adapter {spec.name!r} at {flax_path!r}: param {leaf!r} has no AdapterHub "
-                                   "tensor name (only Linear layers' lora_A / lora_B)")
-            tensor = "lora_A" if leaf.startswith("lora_a") else "lora_B"
+                                   "tensor name (only Linear layers' lora_A / lora_B and a gate)")
             tensors[f"{to_torch(flax_path)}.loras.{spec.name}.{tensor}"] = _linear(spec.name, flax_path, leaf,
-                                                                                   array, True)
+                                                                                   array, leaf.endswith("kernel"))
     places = _lora_places(spec.name, [to_torch(p) for p in modules])
-    return _lora_fields(lora.rank, lora.alpha, lora.dropout, "add", places, "lora"), tensors
+    return _lora_fields(lora.rank, lora.alpha, lora.dropout, "add", places, "lora", lora.use_gating), tensors
 
 
 def _save_ia3(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
@@ -532,13 +651,20 @@ def _save_ia3(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) 
     return _lora_fields(1, 1, 0.0, "scale", places, "ia3"), tensors
 
 
-def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
+def _save_prefix(spec: AdapterSpec, modules: dict, to_torch: Callable[[str], str]) -> tuple[dict, dict]:
     config = _method_config(spec)
     if not isinstance(config, PrefixTuningConfig) or config.style != "adapterhub":
         raise AdapterError(f"adapter {spec.name!r}: only AdapterHub-style prefix tuning (style='adapterhub') has "
                            "AdapterHub's semantics")
     root = f"prefix_tuning.prefix_tunings.{spec.name}.self_prefix."
-    layers = [modules[p] for p in sorted(modules, key=_natural)]
+    gates = {}
+    for flax_path in modules:
+        for leaf in [leaf for leaf in modules[flax_path] if leaf.startswith("gate/")]:
+            tensor = "weight" if leaf == "gate/kernel" else "bias"
+            gates[f"{to_torch(flax_path)}.prefix_tuning.prefix_gates.{spec.name}.{tensor}"] = _linear(
+                spec.name, flax_path, leaf, modules[flax_path][leaf], tensor == "weight")
+    layers = [{k: v for k, v in modules[p].items() if not k.startswith("gate/")}
+              for p in sorted(modules, key=_natural)]
     if spec.adapter.projection:
         first = layers[0]
         for leaf in ("embedding", "down/kernel", "down/bias"):
@@ -556,8 +682,9 @@ def _save_prefix(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:
     fields = {"architecture": "prefix_tuning", "prefix_length": adapter.length, "flat": not adapter.projection,
               "bottleneck_size": adapter.hidden or 512, "non_linearity": adapter.non_linearity,
               "dropout": adapter.dropout, "cross_prefix": config.cross_prefix, "encoder_prefix": True,
-              "leave_out": [], "use_gating": False, "shared_gating": True, "init_weights_seed": None}
-    return fields, tensors
+              "leave_out": [], "use_gating": adapter.use_gating, "shared_gating": adapter.shared_gating,
+              "init_weights_seed": None}
+    return fields, {**tensors, **gates}
 
 
 def _save_prompt(spec: AdapterSpec, modules: dict) -> tuple[dict, dict]:

@@ -42,18 +42,37 @@ class Placed:
     strategy: Strategy
 
 
+@dataclasses.dataclass(frozen=True)
+class PlacedPart:
+    """One part of a union of methods (:class:`jadapters.ConfigUnion`), resolved against a model.
+
+    ``add_adapter(name, union)`` adds it as the adapter ``name + '.' + suffix``,
+    grouped under ``name``.
+
+    Attributes:
+        suffix: the part's name within the union (e.g. ``'lora'``).
+        config: the part's own method config (kept in its spec).
+        placed: where it goes and what it is.
+    """
+
+    suffix: str
+    config: "MethodConfig"
+    placed: Placed
+
+
 class MethodConfig:
     """Base of method configs: frozen dataclasses whose fields are the method's hyperparameters.
 
     Subclasses set :attr:`method` (their registry name) and implement
     :meth:`place`, which resolves the config against an adapted model's
     placement: where the adapter goes (its roles, unless ``where`` gives the
-    targets explicitly) and what it is.
+    targets explicitly) and what it is. A union of methods returns a tuple of
+    :class:`PlacedPart` instead, one per part.
     """
 
     method: ClassVar[str] = ""
 
-    def place(self, placement: Any, where: tuple[str, ...] | None = None) -> Placed:
+    def place(self, placement: Any, where: tuple[str, ...] | None = None) -> "Placed | tuple[PlacedPart, ...]":
         raise NotImplementedError
 
     def replace(self, **changes: Any) -> "MethodConfig":

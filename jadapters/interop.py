@@ -117,7 +117,7 @@ def add_and_init(model: Any, name: str, method: Any, variables: Mapping[str, Any
         adapted = with_adapters(model, preset)
     adapted = adapted.add_adapter(name, method)
     created = init_adapters(adapted, variables, jax.random.key(0), *inputs, **kwargs)
-    new, rest = split_adapters(created, [name])
+    new, rest = split_adapters(created, sorted(adapted._resolve_names(name)))  # a union: all its parts
     return adapted, new, rest
 
 

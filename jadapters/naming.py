@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 from jadapters.errors import AdapterError, UnknownAdapterError
 
@@ -162,6 +162,29 @@ def qualified_name(modules: Sequence[str], bare: str) -> str:
         ('encoder+decoder:x', 'x')
     """
     return f"{MODULE_JOINER.join(modules)}{MODULE_SEPARATOR}{bare}" if modules else bare
+
+
+def expand_groups(
+    requested: str | Sequence[str] | None, groups: Mapping[str, Sequence[str]], names: Sequence[str]
+) -> str | list[str] | None:
+    """``requested`` with each bare group name (a union of methods) replaced by its members' names.
+
+    A name that is also an adapter's own name stays as it is.
+
+    Example:
+        >>> expand_groups("u", {"u": ["u.lora", "u.adapter"]}, ["u.lora", "u.adapter", "b"])
+        ['u.lora', 'u.adapter']
+        >>> expand_groups(["b", "u"], {"u": ["u.lora"]}, ["u.lora", "b"])
+        ['b', 'u.lora']
+    """
+    if requested is None or not groups:
+        return requested
+    wanted = [requested] if isinstance(requested, str) else list(requested)
+    out: list[str] = []
+    for name in wanted:
+        members = groups.get(name) if isinstance(name, str) and name not in names else None
+        out.extend(members if members else [name])
+    return out
 
 
 def select_names(

@@ -24,7 +24,8 @@ import numpy as np
 from jadapters.configs import MethodConfig, as_config
 from jadapters.context import LOSS_COLLECTION, AdapterContext, ChildCall
 from jadapters.errors import AdapterError, UnknownAdapterError
-from jadapters.naming import Target, normalize_targets, path_matches, qualified_name, select_names, split_adapter_name
+from jadapters.naming import (Target, expand_groups, normalize_targets, path_matches, qualified_name, select_names,
+                              split_adapter_name)
 from jadapters.presets import Preset, get_preset
 from jadapters.strategies import ResidualAdd, Strategy, check_like
 from jadapters.tree import ADAPTERS_KEY, SHARED_KEY, adapter_locations, merge_trees, split_adapters
@@ -44,6 +45,8 @@ class AdapterSpec:
         strategy: how its result joins the value.
         enabled: whether it runs in the forward pass.
         config: the method config it was built from (``"lora[r=4]"``, ``LoraConfig(...)``), if any.
+        group: for a part of a union of methods (:class:`jadapters.ConfigUnion`), the name the
+            union was added under, which addresses all its parts; None otherwise.
     """
 
     name: str
@@ -53,11 +56,35 @@ class AdapterSpec:
     strategy: Strategy
     enabled: bool = True
     config: Any = None
+    group: str | None = None
 
     @property
     def qualified_name(self) -> str:
         """``'module:name'`` as it was added (the bare name for a global adapter)."""
         return qualified_name(self.modules, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterGroup:
+    """The adapters a union of methods was added as (``add_adapter("u", "unipelt")``): its parts' specs.
+
+    Attributes:
+        name: the name the union was added under.
+        parts: the parts' specs, in insertion order.
+    """
+
+    name: str
+    parts: tuple[AdapterSpec, ...]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether every part is enabled."""
+        return all(p.enabled for p in self.parts)
+
+    @property
+    def configs(self) -> tuple[Any, ...]:
+        """The parts' method configs."""
+        return tuple(p.config for p in self.parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,12 +316,25 @@ class AdaptedModule(nn.Module):
                 placed = config.place(self.placement, where)
             except (AdapterError, ValueError) as e:
                 raise AdapterError(f"adapter {bare!r}: {e}") from None
+            if isinstance(placed, tuple):  # a union of methods: one adapter per part, grouped under the name
+                return self._add_parts(bare, placed, strategy, bool(enabled))
             adapter, strategy = placed.adapter, strategy or placed.strategy
             if not explicit:
                 modules, where = placed.modules, placed.targets
         if strategy is None and isinstance(adapter, nn.Module):
             strategy = adapter.default_strategy() if hasattr(adapter, "default_strategy") else ResidualAdd()
         return self.add_spec(AdapterSpec(bare, modules, where, adapter, strategy, bool(enabled), config))
+
+    @nn.nowrap
+    def _add_parts(self, group: str, parts: Sequence[Any], strategy: Strategy | None, enabled: bool) -> "AdaptedModule":
+        if strategy is not None:
+            raise AdapterError(f"adapter {group!r}: a union of methods takes each part's own strategy; give none")
+        out = self
+        for part in parts:
+            p = part.placed
+            out = out.add_spec(AdapterSpec(f"{group}.{part.suffix}", p.modules, p.targets, p.adapter, p.strategy,
+                                           enabled, part.config, group))
+        return out
 
     @nn.nowrap
     def add_spec(self, spec: AdapterSpec) -> "AdaptedModule":
@@ -336,6 +376,9 @@ class AdaptedModule(nn.Module):
                 f"adapter {bare!r} already exists (added as {existing.qualified_name!r}, at "
                 f"{list(existing.targets)}); adapter names are unique model-wide"
             )
+        if bare in self._groups():
+            raise AdapterError(f"adapter {bare!r} already exists (a union of {self._groups()[bare]}); adapter names "
+                               f"are unique model-wide")
 
     @nn.nowrap
     def set_enabled_adapters(self, name: str | Sequence[str] | None = None, enabled: bool = True) -> "AdaptedModule":
@@ -370,8 +413,11 @@ class AdaptedModule(nn.Module):
         return [s.name for s in self.adapters]
 
     @nn.nowrap
-    def get_adapter(self, name: str) -> AdapterSpec:
-        """The spec of adapter ``name`` (bare or ``module:name``)."""
+    def get_adapter(self, name: str) -> AdapterSpec | AdapterGroup:
+        """The spec of adapter ``name`` (bare or ``module:name``); for a union's name, its :class:`AdapterGroup`."""
+        parts = self._groups().get(name) if isinstance(name, str) and self._find(name) is None else None
+        if parts:
+            return AdapterGroup(name, tuple(self._find(p) for p in parts))
         (bare,) = self._resolve_names(name)
         return self._find(bare)
 
@@ -389,7 +435,17 @@ class AdaptedModule(nn.Module):
     @nn.nowrap
     def _resolve_names(self, name: str | Sequence[str] | None) -> set[str]:
         available = [(self._modules_of(s), s.name) for s in self.adapters]
+        name = expand_groups(name, self._groups(), self.adapter_names())
         return set(select_names(name, available, "the model", listed=self.adapter_names()))
+
+    @nn.nowrap
+    def _groups(self) -> dict[str, list[str]]:
+        """Union name -> its parts' names."""
+        groups: dict[str, list[str]] = {}
+        for s in self.adapters:
+            if s.group is not None:
+                groups.setdefault(s.group, []).append(s.name)
+        return groups
 
     @nn.nowrap
     def _modules_of(self, spec: AdapterSpec) -> tuple[str, ...]:

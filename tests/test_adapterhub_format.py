@@ -145,9 +145,9 @@ def test_load_errors(bert, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ja.AdapterError, match=r"empty: expected AdapterHub's adapter directory .*adapter_config.json"):
         ja.load_adapterhub(tmp_path / "empty", module, base, *inputs)
-    with pytest.raises(ja.AdapterError, match=r"architecture 'union' is not supported; jadapters loads "
-                                              r"\['bottleneck', 'lora', 'prefix_tuning', 'prompt_tuning'\]"):
-        ja.load_adapterhub(copy_adapter("seq_bn", tmp_path, architecture="union"), module, base, *inputs)
+    with pytest.raises(ja.AdapterError, match=r"architecture 'fusion' is not supported; jadapters loads "
+                                              r"\['bottleneck', 'lora', 'prefix_tuning', 'prompt_tuning', 'union'\]"):
+        ja.load_adapterhub(copy_adapter("seq_bn", tmp_path, architecture="fusion"), module, base, *inputs)
 
     seq_bn = reference.weights(adapter_dir("seq_bn", tmp_path) / "adapter.safetensors")
     down = "encoder.layer.0.output.adapters.a.adapter_down.0.weight"
@@ -169,8 +169,8 @@ def test_load_errors(bert, tmp_path):
                                               r"phm_rule'\] .*'shared_parameters.a.phm_rule', which AdapterHub's "
                                               r"save_adapter leaves out"):
         ja.load_adapterhub(compacter, module, base, *inputs)
-    with pytest.raises(ja.AdapterError, match=r"AdapterHub's LoRA with use_gating=True is not supported"):
-        ja.load_adapterhub(copy_adapter("lora", tmp_path, use_gating=True), module, base, *inputs)
+    with pytest.raises(ja.AdapterError, match=r"AdapterHub's LoRA with use_dora=True is not supported"):
+        ja.load_adapterhub(copy_adapter("lora", tmp_path, use_dora=True), module, base, *inputs)
     prefix = reference.weights(adapter_dir("prefix_tuning_flat", tmp_path) / "adapter.safetensors")
     (tensor, flat), = prefix.items()
     with pytest.raises(ja.AdapterError, match=rf"tensor '{tensor}' has shape \(500,\), the model's 2 attention "

@@ -28,7 +28,15 @@ adapter param ``bias`` initialised from the base bias, which it replaces);
 ``lora_bias=True`` gives B a bias inside the scaled branch:
 ``scaling * (B A x + b_B)``.
 
-All of these merge into the layer's weights (:func:`jadapters.merge_adapters`).
+Gating (AdapterHub's ``use_gating``, UniPELT's): a gate ``Linear(in, 1)`` reads
+the layer's input and REPLACES the scaling: ``y = W x + b + g * B A x`` with
+``g = mean over the positions of sigmoid(gate(x))`` (every axis between the
+batch and the features, padding included), one value per sample, sown as
+``intermediates/.../gate_score`` (apply with ``mutable=['intermediates']``).
+``alpha`` then has no effect, as in AdapterHub.
+
+All of these merge into the layer's weights (:func:`jadapters.merge_adapters`),
+except a gated LoRA: its gate depends on the input.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters.adapters.linear import torch_linear_init
+from jadapters.adapters.prefix import torch_bias_init
 from jadapters.checks import check_dropout, check_finite, check_positive_int
 from jadapters.configs import MethodConfig, Placed, check_options, register_method, resolve_roles
 from jadapters.errors import AdapterError
@@ -77,7 +86,8 @@ class LoRA(nn.Module):
       PEFT) and ``lora_embedding_b`` ``(r, features)`` (standard normal); no dropout.
 
     Used on its own, ``features`` is the output width (default: the input width).
-    See the module docstring for ``init_weights``, ``use_dora``, ``bias`` and ``lora_bias``.
+    See the module docstring for ``init_weights``, ``use_dora``, ``bias``, ``lora_bias`` and
+    ``use_gating``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -99,6 +109,7 @@ class LoRA(nn.Module):
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    use_gating: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -116,6 +127,9 @@ class LoRA(nn.Module):
             raise ValueError("lora_bias=True is not supported with DoRA (use_dora=True), as in PEFT")
         if self.lora_bias and self.init_weights not in ("default", "random"):
             raise ValueError(f"lora_bias=True needs the default (or random) init, as in PEFT, got {self.init_weights!r}")
+        if self.use_gating and (self.use_dora or self.rewrites_base):
+            raise ValueError("use_gating=True (a gate instead of the scaling) does not combine with DoRA or the "
+                             "'pissa' / 'olora' inits")
         for pattern, rank in self.rank_pattern:
             _compile_pattern(pattern)
             check_positive_int(f"rank_pattern[{pattern!r}]", rank)
@@ -159,7 +173,7 @@ class LoRA(nn.Module):
         if layer is None:
             layer = LayerInfo.dense(x.shape[-1], self.features or x.shape[-1])
         rank, alpha = self.rank_and_alpha(layer.path)
-        scaling = self.scaling_for(rank, alpha)
+        scaling = 1.0 if self.use_gating else self.scaling_for(rank, alpha)
         self._check_layer(layer, rank)
         creating = self.is_mutable_collection("params") and not self.variables.get("params")
         if layer.kind == EMBED:
@@ -171,6 +185,8 @@ class LoRA(nn.Module):
                 dropped = nn.Dropout(self.dropout, name="dropout")(x, deterministic=deterministic)
             inits = self._residual_init(layer, rank, scaling) if creating and self.rewrites_base else None
             delta = self._linear(dropped, rank, scaling, layer, inits)
+            if self.use_gating:
+                delta = delta * self._gate(x, layer, delta.ndim)
         result = delta
         if self.use_dora:
             result = self._dora(dropped, layer, delta, output, scaling, deterministic or self.dropout == 0.0)
@@ -186,6 +202,8 @@ class LoRA(nn.Module):
 
     @nn.nowrap
     def _check_layer(self, layer: LayerInfo, rank: int) -> None:
+        if layer.kind == EMBED and self.use_gating:
+            raise AdapterError(f"LoRA on the Embed at {layer.path!r}: use_gating needs a linear or conv layer")
         if layer.kind == EMBED and (self.lora_bias or self.bias != "none"):
             raise AdapterError(f"LoRA on the Embed at {layer.path!r}: an embedding has no bias (bias and lora_bias)")
         if layer.kind == EMBED and self.rewrites_base:
@@ -212,6 +230,16 @@ class LoRA(nn.Module):
         a_init = nn.initializers.normal(1.0 / rank) if self.init_weights == "gaussian" else torch_linear_init
         b_init = torch_linear_init if self.init_weights == "random" else nn.initializers.zeros
         return a_init, b_init
+
+    def _gate(self, x: jax.Array, layer: LayerInfo, ndim: int) -> jax.Array:
+        """AdapterHub's gate: ``mean over the positions of sigmoid(Linear(in, 1)(x))``, one per sample."""
+        flat = x if layer.kind == CONV else layer.flatten_input(x)
+        gate = nn.Dense(1, kernel_init=nn.initializers.normal(0.02), bias_init=torch_bias_init(flat.shape[-1]),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="gate")(flat)
+        gate = jnp.mean(jax.nn.sigmoid(gate), axis=tuple(range(1, gate.ndim)))
+        if not self.is_mutable_collection("params"):  # not while init_adapters creates variables
+            self.sow("intermediates", "gate_score", gate)
+        return gate.reshape(gate.shape + (1,) * (ndim - 1))
 
     def _embedding(self, ids: jax.Array, rank: int, scaling: float, layer: LayerInfo) -> jax.Array:
         _, b_init = self._inits(rank)
@@ -295,6 +323,7 @@ class LoRA(nn.Module):
         ``variables`` this adapter's variables.
         """
         _check_parallel(self, strategy)
+        _check_ungated(self)
         name = layer.weight_name()
         rank, alpha = self.rank_and_alpha(layer.path)
         scaling = self.scaling_for(rank, alpha)
@@ -321,6 +350,7 @@ class LoRA(nn.Module):
     ) -> dict:
         """The inverse of :meth:`merge_into` (float rounding aside); DoRA and ``bias='lora_only'`` cannot be undone."""
         _check_parallel(self, strategy)
+        _check_ungated(self)
         if self.use_dora:
             raise AdapterError(
                 "DoRA's merge cannot be undone from the merged weights: it divides by the norm of W + s B A, which "
@@ -382,6 +412,14 @@ def lora_update(p: Mapping[str, Any], layer: LayerInfo) -> jax.Array:
 
 def _kernel_update(update: jax.Array, layer: LayerInfo, kernel: jax.Array) -> jax.Array:
     return layer.matrix_kernel(update, kernel.shape).astype(kernel.dtype)
+
+
+def _check_ungated(adapter: nn.Module) -> None:
+    if adapter.use_gating:
+        raise AdapterError(
+            "a gated LoRA (use_gating=True) cannot be merged into the layer's weights: its gate, which replaces the "
+            "scaling, depends on each input; keep it unmerged"
+        )
 
 
 def _check_parallel(adapter: nn.Module, strategy: Strategy) -> None:
@@ -484,6 +522,8 @@ class LoraConfig(MethodConfig):
             base biases). PEFT's ``"all"`` (every bias of the model) is refused: jadapters keeps an
             adapter to its targets.
         lora_bias: a bias on B, inside the scaled branch.
+        use_gating: AdapterHub's gate (UniPELT's) in place of the scaling (then ``lora_alpha``
+            has no effect); such a LoRA does not merge. PEFT has no such option.
 
     Example:
         >>> LoraConfig(r=4, target_modules=("query", "value")).lora_alpha
@@ -504,6 +544,7 @@ class LoraConfig(MethodConfig):
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    use_gating: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -527,7 +568,7 @@ class LoraConfig(MethodConfig):
             )
         return LoRA(rank=self.r, alpha=float(self.lora_alpha), dropout=self.lora_dropout, use_rslora=self.use_rslora,
                     init_weights=init, rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern,
-                    use_dora=self.use_dora, bias=self.bias, lora_bias=self.lora_bias)
+                    use_dora=self.use_dora, bias=self.bias, lora_bias=self.lora_bias, use_gating=self.use_gating)
 
     def place(self, placement: Any, where: tuple[str, ...] | None = None) -> Placed:
         return place_on_layers(self, placement, where)

@@ -25,6 +25,12 @@ Two semantics, chosen by ``PrefixTuningConfig(style=...)``:
   GPT-2 count positions from the cache length), and token-type ids are
   dropped (zeros), as PEFT does. Flat keys and values by default.
 * ``"adapterhub"``: positions unchanged; reparametrised by default (bottleneck 512).
+
+Gating (AdapterHub's ``use_gating``, UniPELT's): a gate ``Linear(width, 1)`` (2
+outputs without ``shared_gating``: one for the keys, one for the values) reads
+the attention layer's input; ``g = mean over the positions of sigmoid(gate(x))``,
+one per sample, multiplies the prefix keys and values. Sown as
+``intermediates/.../gate_score`` (apply with ``mutable=['intermediates']``).
 """
 
 from __future__ import annotations
@@ -69,7 +75,11 @@ class PrefixTuning(nn.Module):
     ``down`` Dense(``hidden``, default ``width``) -> ``non_linearity`` ->
     ``up`` Dense(``2 * features``), whose output is ``[keys | values]``; the
     Dense layers have PyTorch's initialisation. ``dropout`` applies to the
-    keys and values in training mode (AdapterHub's). Default strategy: none;
+    keys and values in training mode (AdapterHub's). With ``use_gating`` and
+    ``inputs`` (the attention layer's input, ``(batch, ..., width)``) it also
+    returns the gates, ``(keys_gate, values_gate)``, each ``(batch,)``: the
+    mean over the positions of ``sigmoid(gate(inputs))``, one gate shared by
+    keys and values with ``shared_gating``. Default strategy: none;
     place it with :class:`PrependPrefix` or through :class:`PrefixTuningConfig`.
 
     Example:
@@ -85,6 +95,8 @@ class PrefixTuning(nn.Module):
     hidden: int | None = None
     non_linearity: str = "tanh"
     dropout: float = 0.0
+    use_gating: bool = False
+    shared_gating: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -97,7 +109,7 @@ class PrefixTuning(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, features: int, width: int, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, features: int, width: int, deterministic: bool = True, inputs: jax.Array | None = None) -> tuple:
         normal = nn.initializers.normal(1.0)
         if self.projection:
             hidden = self.hidden or width
@@ -115,14 +127,28 @@ class PrefixTuning(nn.Module):
         if self.dropout > 0.0:
             both = nn.Dropout(self.dropout, name="dropout")(both, deterministic=deterministic)
         keys, values = jnp.split(both, 2, axis=-1)
-        return keys, values
+        if not self.use_gating:
+            return keys, values
+        if inputs is None:
+            raise AdapterError("a gated prefix (use_gating=True) needs the attention layer's input (inputs=)")
+        count = 1 if self.shared_gating else 2
+        gate = nn.Dense(count, kernel_init=nn.initializers.normal(0.02), bias_init=torch_bias_init(inputs.shape[-1]),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="gate")(inputs)
+        gate = jnp.mean(jax.nn.sigmoid(gate), axis=tuple(range(1, gate.ndim - 1)))  # (batch, count)
+        if not self.is_mutable_collection("params"):  # not while init_adapters creates variables
+            self.sow("intermediates", "gate_score", gate[:, 0] if self.shared_gating else gate)
+        return keys, values, (gate[:, 0], gate[:, -1])
 
 
-def _prepend(prefix: jax.Array, out: jax.Array, axis: int, replace: bool) -> jax.Array:
-    """``prefix`` ``(P, *trailing)`` in front of ``out`` along ``axis`` (instead of its first P rows if ``replace``)."""
+def _prepend(prefix: jax.Array, out: jax.Array, axis: int, replace: bool, gate: jax.Array | None = None) -> jax.Array:
+    """``prefix`` ``(P, *trailing)`` in front of ``out`` along ``axis`` (instead of its first P rows if ``replace``),
+    times ``gate`` ``(batch,)`` (along ``out``'s first axis) if given."""
     count = prefix.shape[0]
     shape = out.shape[:axis] + (count,) + out.shape[axis + 1 :]
-    prefix = jnp.broadcast_to(prefix.reshape((count,) + out.shape[axis + 1 :]), shape).astype(out.dtype)
+    prefix = jnp.broadcast_to(prefix.reshape((count,) + out.shape[axis + 1 :]), shape)
+    if gate is not None:
+        prefix = prefix * gate.reshape(gate.shape[:1] + (1,) * (prefix.ndim - 1))
+    prefix = prefix.astype(out.dtype)
     rest = jax.lax.slice_in_dim(out, count, None, axis=axis) if replace else out
     return jnp.concatenate([prefix, rest], axis=axis)
 
@@ -195,26 +221,36 @@ def _attend(site: AttentionSite, adapter: AdapterFn, call, ctx: AdapterContext) 
         x = jnp.asarray(args[0])
         placeholder = jnp.zeros(x.shape[:axis] + (count,) + x.shape[axis + 1 :], x.dtype)
         args = (jnp.concatenate([placeholder, x], axis=axis),) + args[1:]
-    cache: dict[str, tuple[jax.Array, jax.Array]] = {}
+    cache: dict[str, tuple] = {}
+    gated = bool(getattr(adapter.module, "use_gating", False))
+    if gated and not ctx.args:
+        raise AdapterError(f"{ctx.where()}: a gated prefix reads the attention input, its first positional argument")
 
-    def prefix(projected: jax.Array, projection_input: Any) -> tuple[jax.Array, jax.Array]:
+    def prefix(projected: jax.Array, projection_input: Any) -> tuple:
+        """``(keys, values, (keys_gate, values_gate))``; the gates are None without gating."""
         if "kv" not in cache:
             features = math.prod(projected.shape[axis + 1 :])
-            cache["kv"] = adapter(features, jnp.shape(projection_input)[-1])
+            width = jnp.shape(projection_input)[-1]
+            if gated:  # the gate reads the layer's own input (before any placeholder rows)
+                cache["kv"] = adapter(features, width, inputs=jnp.asarray(ctx.args[0]))
+            else:
+                cache["kv"] = (*adapter(features, width), (None, None))
         return cache["kv"]
 
     def separate(which: int):
         def hook(call_, *a, **k):
             out = call_(*a, **k)
-            return _prepend(prefix(out, a[0])[which], out, axis, site.pad_queries)
+            kv = prefix(out, a[0])
+            return _prepend(kv[which], out, axis, site.pad_queries, kv[2][which])
 
         return hook
 
     def fused(call_, *a, **k):
         out = call_(*a, **k)
         queries, keys, values = jnp.split(out, 3, axis=-1)
-        pk, pv = prefix(keys, a[0])
-        return jnp.concatenate([queries, _prepend(pk, keys, axis, True), _prepend(pv, values, axis, True)], axis=-1)
+        pk, pv, (gk, gv) = prefix(keys, a[0])
+        return jnp.concatenate([queries, _prepend(pk, keys, axis, True, gk), _prepend(pv, values, axis, True, gv)],
+                               axis=-1)
 
     hooks = {site.qkv: fused} if site.qkv else {site.key: separate(0), site.value: separate(1)}
     out = run_hooked(site, hooks, call, args, kwargs, ctx)
@@ -247,6 +283,8 @@ class PrefixTuningConfig(MethodConfig):
         dropout: on the keys and values in training mode (AdapterHub's option; PEFT has none).
         cross_prefix: also prefix cross-attention layers where the model declares a
             ``cross_attention`` site (AdapterHub's option); each layer has its own prefix.
+        use_gating / shared_gating: AdapterHub's gate on the prefix (UniPELT's), one per layer,
+            shared by keys and values unless ``shared_gating=False``; see the module docstring.
         prefix_length / flat / bottleneck_size: AdapterHub's names for the fields above.
 
     It places itself on the preset's ``attention`` (and ``cross_attention``)
@@ -261,6 +299,8 @@ class PrefixTuningConfig(MethodConfig):
             hidden = 512
             non_linearity = 'tanh'
             dropout = 0.0
+            use_gating = False
+            shared_gating = True
             dtype = None
             param_dtype = float32
         )
@@ -277,10 +317,12 @@ class PrefixTuningConfig(MethodConfig):
     prefix_length: int | None = None
     flat: bool | None = None
     bottleneck_size: int | None = None
+    use_gating: bool = False
+    shared_gating: bool = True
 
     def __post_init__(self) -> None:
         check_options("prefix_tuning", [self.style], STYLES, "style")
-        for name in ("prefix_projection", "flat", "cross_prefix"):
+        for name in ("prefix_projection", "flat", "cross_prefix", "use_gating", "shared_gating"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -300,7 +342,8 @@ class PrefixTuningConfig(MethodConfig):
         hidden = resolve_alias("encoder_hidden_size", self.encoder_hidden_size, "bottleneck_size", self.bottleneck_size,
                           None if self.style == "peft" else 512)
         return PrefixTuning(length=self.length, projection=self.projection, hidden=hidden,
-                            non_linearity=self.non_linearity, dropout=self.dropout)
+                            non_linearity=self.non_linearity, dropout=self.dropout, use_gating=self.use_gating,
+                            shared_gating=self.shared_gating)
 
     def folded(self) -> "PrefixTuningConfig":
         """This config without the reparametrisation (what :func:`fold_prefix_tuning` leaves)."""
@@ -393,10 +436,12 @@ def _fold_params(tree: Any, name: str, adapter: PrefixTuning) -> Any:
 def _folded(adapter: PrefixTuning, params: Any) -> dict:
     embedding = params["embedding"]
     features, width = params["up"]["kernel"].shape[-1] // 2, embedding.shape[-1]
+    ungated = adapter.clone(use_gating=False)
 
     def keys_values(p):
-        keys, values = adapter.apply({"params": p}, features, width)
-        return {"keys": keys.astype(embedding.dtype), "values": values.astype(embedding.dtype)}
+        keys, values = ungated.apply({"params": {k: v for k, v in p.items() if k != "gate"}}, features, width)
+        kept = {"gate": p["gate"]} if "gate" in p else {}  # a gate stays as it is
+        return {"keys": keys.astype(embedding.dtype), "values": values.astype(embedding.dtype), **kept}
 
     for _ in range(embedding.ndim - 2):  # layers inside nn.scan: stacked along leading axes
         keys_values = jax.vmap(keys_values)

@@ -41,7 +41,7 @@ from jadapters.checkpoint.format import (
 )
 from jadapters.checkpoint.io import PathLike, Shardings
 from jadapters.errors import AdapterError, UnknownAdapterError
-from jadapters.naming import select_names
+from jadapters.naming import expand_groups, select_names
 from jadapters.registry import class_path, get_registered_class, import_by_path, registered_name
 from jadapters.strategies import Strategy
 from jadapters.table import format_table
@@ -578,6 +578,12 @@ def _names_to_save(adapted: AdaptedModule, name: str | Sequence[str] | None) -> 
 def _select_records(records: Sequence[AdapterRecord], name: str | Sequence[str] | None, where) -> list[AdapterRecord]:
     if name is None and not records:
         raise CheckpointError(f"checkpoint {where} holds no adapters")
+    groups: dict[str, list[str]] = {}
+    for r in records:  # the parts of a union of methods, addressed by the union's name
+        group = (plain_value(r.spec) or {}).get("group")
+        if group:
+            groups.setdefault(group, []).append(r.name)
+    name = expand_groups(name, groups, [r.name for r in records])
     chosen = select_names(name, [(r.modules, r.name) for r in records], f"checkpoint {where}")
     return [r for r in records if r.name in chosen]
 

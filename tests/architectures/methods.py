@@ -300,8 +300,35 @@ class PrefixTuningMethod(Method):
         return (site.module,) if shifts else ()
 
 
+@dataclasses.dataclass(frozen=True)
+class UnionMethod(Method):
+    """A union of methods (``mam``, ``unipelt``) under one name: its parts are adapters ``a.<part>``,
+    enabled, trained, saved and loaded together. On Hugging Face's BERT only, where every part has its
+    sites and AdapterHub's parity tests run (tests/test_union.py); each part's method is in the matrix."""
+
+    name: str = "unipelt"
+    variants: tuple[str, str] = ("unipelt", "unipelt")
+    identity_at_init: bool = False  # the prefix starts random
+    spot_families: tuple[str, ...] | None = ("hf_bert",)
+
+    def applies(self, family):
+        return family.name == "hf_bert"
+
+    def add(self, adapted, family, name, variant):
+        return adapted.add_adapter(name, self.variants[variant])
+
+
+#: UniPELT only: its parts (gated prefix, bottleneck and LoRA) cover MAM's (prefix, parallel bottleneck),
+#: and a matrix case costs about 16 s of CPU. MAM would be ``UnionMethod("mam", variants=(
+#: "mam[prefix_length=3,bottleneck_size=8]", "mam[prefix_length=2,reduction_factor=4]"))``.
+UNION_METHODS = (
+    UnionMethod("unipelt", variants=("unipelt[prefix_length=3,bottleneck_size=8]",
+                                     "unipelt[prefix_length=2,bottleneck_size=4,r=2]")),
+)
+
 METHODS = (
     (LinearAdapterMethod(), MHAAdapterMethod(), LoRAMethod(), DoRAMethod(), IA3Method(), VeRAMethod())
     + BOTTLENECK_METHODS
     + (PromptTuningMethod(), PrefixTuningMethod())
+    + UNION_METHODS
 )
