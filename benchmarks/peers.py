@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -144,6 +145,9 @@ def torch_variants(data: dict, threads: int) -> tuple[dict[str, Callable[[], Any
 
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    minilm.quiet_transformers()
+    # AdapterHub warns that no adapter is active between add_adapter and train_adapter (which activates it).
+    logging.getLogger("adapters").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load = lambda: BertModel.from_pretrained(minilm.model_path(), add_pooling_layer=False).eval()  # noqa: E731

