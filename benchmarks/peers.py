@@ -151,9 +151,8 @@ def torch_variants(data: dict, threads: int) -> tuple[dict[str, Callable[[], Any
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load = lambda: BertModel.from_pretrained(minilm.model_path(), add_pooling_layer=False).eval()  # noqa: E731
-        inputs = dict(input_ids=torch.from_numpy(data["ids"]).long(), attention_mask=torch.from_numpy(data["mask"]).long(),
-                      token_type_ids=torch.from_numpy(data["types"]).long(),
-                      position_ids=torch.from_numpy(data["positions"]).long())
+        inputs = {name: torch.from_numpy(data[key]).long() for name, key in (
+            ("input_ids", "ids"), ("attention_mask", "mask"), ("token_type_ids", "types"), ("position_ids", "positions"))}
         head, labels = torch.from_numpy(data["head"]), torch.from_numpy(data["labels"]).long()
 
         lora = peft.get_peft_model(load(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))

