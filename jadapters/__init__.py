@@ -57,6 +57,7 @@ from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
 from jadapters.summary import adapter_summary
+from jadapters.composition import Average, BatchSplit, Fuse, FusionConfig, Parallel, Split, Stack
 from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
 from jadapters.tree import count_parameters, merge_trees, split_adapters
@@ -93,6 +94,14 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
+    # composition (AdapterHub's blocks)
+    "Stack",
+    "Parallel",
+    "BatchSplit",
+    "Split",
+    "Average",
+    "Fuse",
+    "FusionConfig",
     # merging into the base
     "merge_adapters",
     "unmerge_adapters",

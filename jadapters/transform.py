@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jadapters import composition
 from jadapters.configs import MethodConfig, as_config
 from jadapters.context import LOSS_COLLECTION, AdapterContext, ChildCall
 from jadapters.errors import AdapterError, UnknownAdapterError
@@ -113,6 +114,7 @@ class AdaptedModule(nn.Module):
     adapters: tuple[AdapterSpec, ...] = ()
     training: bool = False
     freeze_batchnorm: bool = False
+    active_setup: Any = None  # a jadapters.composition block, or None: enabled adapters chained
 
     def __hash__(self) -> int:
         # A static argument of jit must hash; a third-party model may not (Hugging Face's Flax
@@ -122,12 +124,13 @@ class AdaptedModule(nn.Module):
             model_hash = hash(self.model)
         except TypeError:
             model_hash = hash(type(self.model))
-        return hash((model_hash, self.placement, self.adapters, self.training, self.freeze_batchnorm))
+        return hash((model_hash, self.placement, self.adapters, self.training, self.freeze_batchnorm, self.active_setup))
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = composition.replicate_inputs(self.active_setup, args, kwargs)
         return self._run_adapted(lambda: self.model(*args, **kwargs))
 
     def call_method(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -151,6 +154,7 @@ class AdaptedModule(nn.Module):
             >>> model.apply(variables, x, method="encode").shape
             (1, 2)
         """
+        args, kwargs = composition.replicate_inputs(self.active_setup, args, kwargs)
         if isinstance(method, str):
             name = method
             if not callable(getattr(type(self.model), name, None)):
@@ -328,6 +332,32 @@ class AdaptedModule(nn.Module):
         return self.clone(adapters=adapters)
 
     @nn.nowrap
+    def set_active(self, setup: "composition.Setup | None") -> "AdaptedModule":
+        """Returns a new module whose adapters run as ``setup`` says (see :mod:`jadapters.composition`).
+
+        ``setup`` is an adapter name, a block (``Stack("a", Fuse("b", "c"))``),
+        or None: every enabled adapter chained in insertion order.
+
+        Example:
+            >>> import flax.linen as nn
+            >>> from jadapters import LinearAdapter, with_adapters, Stack
+            >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+            >>> model.set_active(Stack("a")).active_setup
+            Stack('a')
+            >>> model.set_active(Stack("a", "b"))
+            Traceback (most recent call last):
+            ...
+            jadapters.errors.AdapterError: the adapter setup Stack('a', 'b') names adapters ['b'] that the model does not have; it has ['a']
+        """
+        setup = composition.as_setup(setup)
+        if setup is not None:
+            unknown = sorted(setup.names() - set(self.adapter_names()))
+            if unknown:
+                raise AdapterError(f"the adapter setup {setup!r} names adapters {unknown} that the model does not "
+                                   f"have; it has {self.adapter_names()}")
+        return self.clone(active_setup=setup)
+
+    @nn.nowrap
     def get_enabled_adapters(self) -> list[str]:
         """Bare names of the enabled adapters, in insertion order."""
         return [s.name for s in self.adapters if s.enabled]
@@ -486,10 +516,16 @@ class _Session:
         call = next_fun
         if self.adapted.freeze_batchnorm and isinstance(module, nn.BatchNorm):
             call = functools.partial(_batchnorm_on_running_statistics, module, call)
-        for spec in _specs_at(self.adapted.adapters, path):
+        setup = self.adapted.active_setup
+        specs = _specs_at(self.adapted.adapters, path)
+        composed = [s for s in specs if s.name in setup.names()] if setup is not None else []
+        for spec in specs:
             self.matched.add(spec.name)
+            if spec in composed:
+                if spec is composed[0]:
+                    call = functools.partial(self._run_composed, setup, composed, module, path, call)
             # While variables are created, every adapter runs (disabled ones get their variables too).
-            if spec.enabled or self.creating:
+            elif spec.enabled or self.creating:
                 call = functools.partial(self._run, spec, module, path, call)
         for parent, hooks in reversed(self._hooks):
             relative = path[len(parent) + 1 :] if parent else path
@@ -501,13 +537,25 @@ class _Session:
         finally:
             self._active.discard(path)
 
-    def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
+    def _adapter_call(self, spec: AdapterSpec, module: nn.Module, path: str, args, kwargs):
         scope = module.scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True)
         training = self.adapted.training
-        strategy = spec.strategy
         ctx = AdapterContext(spec.name, path, training, args, kwargs, scope=scope, module=module, session=self,
-                             changes_shape=strategy.changes_shape)
-        adapter = _AdapterCall(spec.adapter.clone(parent=scope), ctx, training)
+                             changes_shape=spec.strategy.changes_shape)
+        return _AdapterCall(spec.adapter.clone(parent=scope), ctx, training), ctx
+
+    def _run_composed(self, setup, specs, module: nn.Module, path: str, call, *args, **kwargs):
+        """The setup's adapters at this module, run together as its blocks say."""
+        disabled = [s.name for s in specs if not s.enabled]
+        if disabled and not self.creating:
+            raise AdapterError(f"adapters {disabled} at {path!r} are in the active setup {setup!r} but disabled; "
+                               f"enable them, or change the setup with set_active")
+        members = [composition.Member(s, *self._adapter_call(s, module, path, args, kwargs)) for s in specs]
+        return composition.run_setup(setup, members, call, args, kwargs)
+
+    def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
+        strategy = spec.strategy
+        adapter, ctx = self._adapter_call(spec, module, path, args, kwargs)
         if strategy.changes_shape:
             return strategy.around(adapter, call, ctx)
         values: list[Any] = []
