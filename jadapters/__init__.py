@@ -52,7 +52,7 @@ from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
 from jadapters.peft_format import load_peft, save_peft
-from jadapters.adapterhub_format import load_adapterhub, save_adapterhub
+from jadapters.adapterhub_format import load_adapterhub, load_adapterhub_fusion, save_adapterhub
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
@@ -142,6 +142,7 @@ __all__ = [
     "save_peft",
     # AdapterHub's format
     "load_adapterhub",
+    "load_adapterhub_fusion",
     "save_adapterhub",
     # errors
     "AdapterError",

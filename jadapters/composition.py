@@ -38,10 +38,12 @@ N times along axis 0, every array argument whose leading axis is the batch
 every copy up to the first adapted layer, so this equals AdapterHub's
 replication at the first parallel layer.
 
-A block child whose adapters do not sit at a module passes its share through
-there (AdapterHub's rule); adapters of the model that the setup does not name
-run as before, chained, when enabled. An adapter named in the setup must be
-enabled.
+While a setup is active only the adapters it names run (AdapterHub's
+``set_active_adapters``); they must be enabled (``enabled`` still chooses what
+trains). A block child whose adapters do not sit at a module passes its share
+through there (AdapterHub's rule). An adapter reached through Stacks alone
+runs with its own strategy wherever it is the only one of the setup at a
+module, so any method can be stacked (prefix tuning under a Parallel, say).
 
 Fusion params live at ``<module>/__adapters__/<fusion name>/`` (``"a,b"`` for
 ``Fuse("a", "b")``, AdapterHub's name), created by
@@ -371,8 +373,10 @@ class Fuse(Block):
         object.__setattr__(self, "config", FusionConfig.load(config))
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise AdapterError(f"Fuse: name must be a non-empty string without '/', got {name!r}")
-        object.__setattr__(self, "fusion_name", name)
+        object.__setattr__(self, "fusion_name", None)
         self._set_children(children)
+        if name is not None and name != self.name:
+            object.__setattr__(self, "fusion_name", name)
 
     @property
     def name(self) -> str:
@@ -401,6 +405,20 @@ def setup_from_json(data: Any) -> Setup | None:
     if cls is Fuse:
         kwargs["name"] = kwargs.pop("fusion_name", None)
     return cls(*children, **kwargs)
+
+
+def only_stacked(setup: Setup, name: str) -> bool:
+    """Whether every occurrence of adapter ``name`` in ``setup`` is reached through Stacks alone.
+
+    Example:
+        >>> only_stacked(Stack("p", Parallel("a", "b")), "p"), only_stacked(Stack("p", Parallel("a", "b")), "a")
+        (True, False)
+    """
+    if isinstance(setup, str):
+        return True
+    if not isinstance(setup, Stack):
+        return name not in setup.names()
+    return all(only_stacked(c, name) for c in setup.children)
 
 
 def as_setup(setup: Setup | None) -> Block | None:

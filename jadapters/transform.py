@@ -524,8 +524,9 @@ class _Session:
             if spec in composed:
                 if spec is composed[0]:
                     call = functools.partial(self._run_composed, setup, composed, module, path, call)
-            # While variables are created, every adapter runs (disabled ones get their variables too).
-            elif spec.enabled or self.creating:
+            # While variables are created, every adapter runs (disabled ones get their variables too);
+            # with an active setup, only those it names run.
+            elif (spec.enabled and setup is None) or self.creating:
                 call = functools.partial(self._run, spec, module, path, call)
         for parent, hooks in reversed(self._hooks):
             relative = path[len(parent) + 1 :] if parent else path
@@ -550,6 +551,8 @@ class _Session:
         if disabled and not self.creating:
             raise AdapterError(f"adapters {disabled} at {path!r} are in the active setup {setup!r} but disabled; "
                                f"enable them, or change the setup with set_active")
+        if len(specs) == 1 and composition.only_stacked(setup, specs[0].name):
+            return self._run(specs[0], module, path, call, *args, **kwargs)  # a Stack of one is the adapter alone
         members = [composition.Member(s, *self._adapter_call(s, module, path, args, kwargs)) for s in specs]
         return composition.run_setup(setup, members, call, args, kwargs)
 
