@@ -336,7 +336,8 @@ class AdaptedModule(nn.Module):
         """Returns a new module whose adapters run as ``setup`` says (see :mod:`jadapters.composition`).
 
         ``setup`` is an adapter name, a block (``Stack("a", Fuse("b", "c"))``),
-        or None: every enabled adapter chained in insertion order.
+        or None: every enabled adapter chained in insertion order. While a
+        setup is active, only the adapters it names run, and they must be enabled.
 
         Example:
             >>> import flax.linen as nn

@@ -214,7 +214,12 @@ def tiny(kind):
 
 
 def out(adapted, variables, x, setup):
-    return np.asarray(jax.jit(adapted.set_active(setup).apply)(variables, x))
+    return outs(adapted, variables, x, [setup])[0]
+
+
+def outs(adapted, variables, x, setups):
+    """The outputs under each setup, from one compile."""
+    return [np.asarray(o) for o in jax.jit(lambda v: [adapted.set_active(s).apply(v, x) for s in setups])(variables)]
 
 
 
@@ -292,18 +297,15 @@ def test_bottleneck_blocks_by_hand():
 
     inp = ln(h + q)
     out_a = bn("a", inp) + h
-    stack = ln(bn("b", ln(out_a + q)) + out_a + q)
-    np.testing.assert_allclose(out(adapted, variables, x, Stack("a", "b")), stack, atol=1e-5, rtol=0)
-    average = ln(0.25 * (bn("a", inp) + h) + 0.75 * (bn("b", inp) + h) + q)
-    np.testing.assert_allclose(out(adapted, variables, x, Average("a", "b", weights=[1, 3])), average, atol=1e-5,
-                               rtol=0)
-    unnormalised = ln(2 * (bn("a", inp) + h) + 1 * (bn("b", inp) + h) + q)
-    np.testing.assert_allclose(out(adapted, variables, x, Average("a", "b", weights=[2, 1], normalize_weights=False)),
-                               unnormalised, atol=1e-5, rtol=0)
-    split = ln(jnp.concatenate([bn("a", inp[:, :2]), bn("b", inp[:, 2:])], axis=1) + h + q)
-    np.testing.assert_allclose(out(adapted, variables, x, Split("a", "b", splits=[2, 3])), split, atol=1e-5, rtol=0)
-    # Only the setup's adapters run (b and c are enabled too).
-    np.testing.assert_allclose(out(adapted, variables, x, "a"), ln(bn("a", inp) + h + q), atol=1e-5, rtol=0)
+    expected = {
+        Stack("a", "b"): ln(bn("b", ln(out_a + q)) + out_a + q),
+        Average("a", "b", weights=[1, 3]): ln(0.25 * (bn("a", inp) + h) + 0.75 * (bn("b", inp) + h) + q),
+        Average("a", "b", weights=[2, 1], normalize_weights=False): ln(2 * (bn("a", inp) + h) + (bn("b", inp) + h) + q),
+        Split("a", "b", splits=[2, 3]): ln(jnp.concatenate([bn("a", inp[:, :2]), bn("b", inp[:, 2:])], axis=1) + h + q),
+        "a": ln(bn("a", inp) + h + q),  # only the setup's adapters run (b and c are enabled too)
+    }
+    for setup, got in zip(expected, outs(adapted, variables, x, list(expected))):
+        np.testing.assert_allclose(got, expected[setup], atol=1e-5, rtol=0, err_msg=repr(setup))
 
 
 def test_lora_blocks_by_hand():
@@ -311,18 +313,17 @@ def test_lora_blocks_by_hand():
     params = variables["params"]
     y = x @ params["q"]["kernel"] + params["q"]["bias"]
 
-    def delta(name, v, rank):
+    def delta(name, v):  # alpha / rank = 2 for both
         p = params["q"]["__adapters__"][name]
         return (v @ p["lora_a"]["kernel"] @ p["lora_b"]["kernel"]) * 2.0
 
     assert sorted(params["q"]["__adapters__"]["a"]) == ["lora_a", "lora_b"]
-    d_a, d_b = delta("a", x, 2), delta("b", x, 3)
-    rest = lambda q: AddNorm().apply({"params": {k: v for k, v in params["block"].items()}}, q)
+    d_a, d_b = delta("a", x), delta("b", x)
+    rest = lambda q: AddNorm().apply({"params": params["block"]}, q)
+    stack, average = outs(adapted, variables, x, [Stack("a", "b"), Average("a", "b", weights=[3, 1])])
     # Stack: b reads a's delta (AdapterHub's LoRA), added once to the layer's output.
-    np.testing.assert_allclose(out(adapted, variables, x, Stack("a", "b")), rest(y + delta("b", d_a, 3)), atol=1e-5,
-                               rtol=0)
-    np.testing.assert_allclose(out(adapted, variables, x, Average("a", "b", weights=[3, 1])),
-                               rest(y + 0.75 * d_a + 0.25 * d_b), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(stack, rest(y + delta("b", d_a)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(average, rest(y + 0.75 * d_a + 0.25 * d_b), atol=1e-5, rtol=0)
     with pytest.raises(AdapterError, match=r"Split is not defined for adapters joined by ParallelAdd \(LoRA\)"):
         out(adapted, variables, x, Split("a", "b", splits=[2, 3]))
     with pytest.raises(AdapterError, match=r"Fuse is not defined for adapters joined by ParallelAdd"):
@@ -412,11 +413,12 @@ def test_stack_and_parallel_on_the_scanned_gpt_family():
     variables = ja.init_adapters(adapted, base, jax.random.key(0), ids)
     adapters, rest = ja.split_adapters(variables)
     variables = ja.merge_trees(rest, perturbed(adapters, 1))
-    run = lambda setup, ids: np.asarray(adapted.set_active(setup).apply(variables, ids, **GPT.eval_kwargs))
     b = ids.shape[0]
+    run = lambda setup, ids: adapted.set_active(setup).apply(variables, ids, **GPT.eval_kwargs)
     # The batch replicated at the entry, then split in every scanned layer; one copy through a Stack.
-    parallel = run(Parallel(Stack("a", "b"), "a"), ids)
+    parallel, split = map(np.asarray, jax.jit(lambda ids: (
+        run(Parallel(Stack("a", "b"), "a"), ids),
+        run(BatchSplit(Stack("a", "b"), "a", batch_sizes=b), jnp.concatenate([ids, ids]))))(ids))
     assert parallel.shape[0] == 2 * b
-    split = run(BatchSplit(Stack("a", "b"), "a", batch_sizes=b), np.concatenate([ids, ids]))
     np.testing.assert_allclose(parallel, split, atol=1e-5, rtol=0)
     assert np.abs(parallel[:b] - parallel[b:]).max() > 1e-4
