@@ -202,7 +202,10 @@ class InResidualBlock(Strategy):
         check_joining(self.original_ln_before, self.original_ln_after, self.residual_before_ln, self.is_parallel)
 
     def around(self, adapter: AdapterFn, call: Callable[..., Any], ctx: AdapterContext) -> Any:
-        return self.run_sites(call, ctx, lambda name, nested, *a: self.join(adapter.nested(name) if nested else adapter, *a))
+        def join(name: str, nested: bool, *args: Any) -> Any:
+            return self.join(adapter.nested(name) if nested else adapter, *args)
+
+        return self.run_sites(call, ctx, join)
 
     def run_sites(self, call: Callable[..., Any], ctx: AdapterContext, join: Callable[..., Any]) -> Any:
         """Runs the block with ``join(site_name, nested, h, x, layer_norm, layer_norm_again)`` at each site here.

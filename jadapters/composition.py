@@ -69,7 +69,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence, Union
 
 import flax.linen as nn
@@ -302,6 +301,9 @@ class FusionConfig:
 
     ``temperature`` (AdapterHub anneals T from 50 to 1 over training calls) is
     not supported; the others are as in AdapterHub's ``BertFusion``.
+    ``dropout_prob`` (on the attention scores, in training) None means no
+    dropout, where AdapterHub falls back to the model's
+    ``attention_probs_dropout_prob``: set it to train as AdapterHub does.
 
     Example:
         >>> FusionConfig.static().value, FusionConfig.dynamic().value
@@ -488,7 +490,8 @@ class Fusion(nn.Module):
     config: FusionConfig = FusionConfig()
 
     @nn.compact
-    def __call__(self, query: jax.Array, outputs: jax.Array, residual: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, query: jax.Array, outputs: jax.Array, residual: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
         cfg, width = self.config, query.shape[-1]
         normal = nn.initializers.normal(0.02)
         if cfg.residual_before:  # AdapterHub adds it in place, to keys and values alike
@@ -519,7 +522,8 @@ class Fusion(nn.Module):
 
 def _near_identity(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     del key
-    return (jnp.full(shape, 1e-6, dtype) * (1 - jnp.eye(*shape, dtype=dtype)) + jnp.eye(*shape, dtype=dtype)).astype(dtype)
+    eye = jnp.eye(*shape, dtype=dtype)
+    return (1e-6 * (1 - eye) + eye).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- running a setup at one module

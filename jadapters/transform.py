@@ -384,6 +384,10 @@ class AdaptedModule(nn.Module):
         """Returns a new module without the named adapter(s); drop their variables
         with :func:`jadapters.split_adapters`."""
         names = self._resolve_names(name)
+        setup = self.active_setup
+        if setup is not None and names & setup.names():
+            raise AdapterError(f"adapters {sorted(names & setup.names())} are in the active setup {setup!r}; "
+                               f"change it with set_active before removing them")
         return self.clone(adapters=tuple(s for s in self.adapters if s.name not in names))
 
     @nn.nowrap
