@@ -54,12 +54,13 @@ from jadapters.discovery import list_modules
 from jadapters.errors import AdapterError, UnknownAdapterError
 from jadapters.merge import merge_adapters, unload_adapters, unmerge_adapters
 from jadapters.peft_format import load_peft, save_peft
-from jadapters.adapterhub_format import load_adapterhub, save_adapterhub
+from jadapters.adapterhub_format import load_adapterhub, load_adapterhub_fusion, save_adapterhub
 from jadapters.nemo_format import load_nemo_adapters, load_nemo_state_dict
 from jadapters.presets import Preset
 from jadapters.registry import register_adapter, register_strategy
 from jadapters.strategies import MHAResidualAdd, ParallelAdd, ResidualAdd, ReturnResult, Strategy
 from jadapters.summary import adapter_summary
+from jadapters.composition import Average, BatchSplit, Fuse, FusionConfig, Parallel, Split, Stack
 from jadapters.training import TrainState, adapter_optimizer, combine, fit, make_train_step, partition
 from jadapters.transform import AdaptedModule, AdapterSpec, init_adapters, with_adapters
 from jadapters.tree import count_parameters, merge_trees, split_adapters
@@ -105,6 +106,14 @@ __all__ = [
     "AdapterBankConfig",
     "hotswap_adapter",
     "clear_slot",
+    # composition (AdapterHub's blocks)
+    "Stack",
+    "Parallel",
+    "BatchSplit",
+    "Split",
+    "Average",
+    "Fuse",
+    "FusionConfig",
     # merging into the base
     "merge_adapters",
     "unmerge_adapters",
@@ -148,6 +157,7 @@ __all__ = [
     "save_peft",
     # AdapterHub's format
     "load_adapterhub",
+    "load_adapterhub_fusion",
     "save_adapterhub",
     # NeMo's adapter files
     "load_nemo_adapters",

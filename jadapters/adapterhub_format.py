@@ -53,6 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -67,9 +68,9 @@ from jadapters.interop import (ModuleMap, adapter_params, add_and_init, fill_par
                                read_dir, torch_to_flax, write_dir)
 from jadapters.transform import AdaptedModule, AdapterGroup, AdapterSpec
 from jadapters.union import PART_SEPARATOR, ConfigUnion
-from jadapters.tree import ADAPTERS_KEY, merge_trees
+from jadapters.tree import ADAPTERS_KEY, merge_trees, split_adapters
 
-__all__ = ["load_adapterhub", "save_adapterhub", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["load_adapterhub", "load_adapterhub_fusion", "save_adapterhub", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -291,6 +292,58 @@ def _wanted(path: Path, architecture: str, method: Any, tensors: Mapping[str, np
         return _lora(path, {"composition_mode": "add", "use_gating": method.use_gating}, tensors, file_name, name,
                      locate)[1]
     return _prefix_wanted(path, tensors, file_name, name, new, method.projection, locate)
+
+
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+FUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
+_FUSION_LEAVES = {"weight": ("kernel", True), "bias": ("bias", False)}
+
+
+def load_adapterhub_fusion(
+    path: str | Path,
+    adapted: AdaptedModule,
+    variables: Mapping[str, Any],
+    *inputs: Any,
+    module_map: ModuleMap = None,
+    **kwargs: Any,
+) -> tuple[AdaptedModule, dict]:
+    """Loads an AdapterFusion saved by AdapterHub (``save_adapter_fusion(..., use_safetensors=True)``).
+
+    ``adapted`` already holds the fused adapters (e.g. from :func:`load_adapterhub`);
+    the result has ``Fuse(*adapter_names, config=..., name=...)`` as its
+    active setup and ``variables`` plus the fusion's params (the file's
+    ``adapter_fusion_layer.<name>.{query,key,value}`` tensors, transposed to
+    Flax's layout). ``inputs``, ``kwargs`` and ``module_map`` as for
+    :func:`load_adapterhub`.
+    """
+    from jadapters.composition import Fuse
+    from jadapters.transform import init_adapters
+
+    path = Path(path)
+    full, tensors = read_dir(path, FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, "AdapterHub fusion")
+    names, name = full.get("adapter_names"), full.get("name")
+    if not isinstance(names, list) or not isinstance(name, str) or not isinstance(full.get("config"), dict):
+        raise AdapterError(f"{path / FUSION_CONFIG_NAME}: expected AdapterHub's fusion config with 'adapter_names' "
+                           f"(a list), 'name' (a string) and 'config' (an object)")
+    if not isinstance(adapted, AdaptedModule):
+        raise AdapterError(f"load_adapterhub_fusion expects the AdaptedModule holding the adapters {names}, "
+                           f"got {type(adapted).__name__}")
+    adapted = adapted.set_active(Fuse(*names, config=full["config"], name=name))
+    created = init_adapters(adapted, variables, jax.random.key(0), *inputs, **kwargs)
+    new, rest = split_adapters(created, [name])
+    locate = _locator(path, torch_to_flax(module_map), variables.get("params", {}), module_map is None)
+    wanted = {}
+    for tensor, array in sorted(tensors.items()):
+        module, rest_name = _split(path, tensor, f".adapter_fusion_layer.{name}.")
+        linear, _, kind = rest_name.partition(".")
+        if kind not in _FUSION_LEAVES:
+            raise AdapterError(f"{path / FUSION_WEIGHTS_NAME}: tensor {tensor!r} is not a fusion weight or bias")
+        flax_path = locate(module, tensor)
+        leaf, transpose = _FUSION_LEAVES[kind]
+        wanted[(*flax_path.split("/"), ADAPTERS_KEY, name, linear, leaf)] = (tensor, flax_path,
+                                                                           array.T if transpose else array)
+    new = fill_params(path / FUSION_WEIGHTS_NAME, new, wanted, name, "check the fusion config")
+    return adapted, merge_trees(rest, new)
 
 
 def _hint(architecture: str, file_name: str) -> str:

@@ -31,6 +31,7 @@ Without a LayerNorm, ``residual_before_ln="post_add"`` takes the residual after
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -201,6 +202,17 @@ class InResidualBlock(Strategy):
         check_joining(self.original_ln_before, self.original_ln_after, self.residual_before_ln, self.is_parallel)
 
     def around(self, adapter: AdapterFn, call: Callable[..., Any], ctx: AdapterContext) -> Any:
+        def join(name: str, nested: bool, *args: Any) -> Any:
+            return self.join(adapter.nested(name) if nested else adapter, *args)
+
+        return self.run_sites(call, ctx, join)
+
+    def run_sites(self, call: Callable[..., Any], ctx: AdapterContext, join: Callable[..., Any]) -> Any:
+        """Runs the block with ``join(site_name, nested, h, x, layer_norm, layer_norm_again)`` at each site here.
+
+        ``nested`` says whether the module holds several sites (variables per
+        site); composition blocks pass their own ``join``.
+        """
         here = [(name, site) for name, site in self.sites if site.matches(ctx.path)]
         if not here:
             raise AdapterError(
@@ -210,8 +222,7 @@ class InResidualBlock(Strategy):
         hooks: dict[str, Callable[..., Any]] = {}
         states = []
         for name, site in here:
-            own = adapter.nested(name) if len(here) > 1 else adapter
-            states.append(self._hook(site, name, own, ctx, hooks))
+            states.append(self._hook(site, name, functools.partial(join, name, len(here) > 1), ctx, hooks))
         with ctx.intercept_children(hooks):
             output = call(*ctx.args, **ctx.kwargs)
         for (name, site), seen in zip(here, states):
@@ -223,7 +234,7 @@ class InResidualBlock(Strategy):
                 )
         return output
 
-    def _hook(self, site: ResidualBlock, name: str, adapter: AdapterFn, ctx: AdapterContext, hooks: dict) -> dict:
+    def _hook(self, site: ResidualBlock, name: str, join: Callable[..., Any], ctx: AdapterContext, hooks: dict) -> dict:
         """Adds the hooks of one site to ``hooks``; returns the state they fill."""
         seen: dict[str, Any] = {}
 
@@ -256,7 +267,7 @@ class InResidualBlock(Strategy):
             if site.layer_norm is not None:
                 seen["h"] = h
                 return output
-            new = self.join(adapter, h, residual(), None)
+            new = join(h, residual(), None, None)
             seen["joined"] = True
             if site.hidden_index is None:
                 return new
@@ -272,7 +283,7 @@ class InResidualBlock(Strategy):
                 seen["joined"] = True
                 norm = lambda v: run(v, *args, **kwargs)
                 again = lambda v: run.again(v, *args, **kwargs)
-                return self.join(adapter, seen.pop("h"), residual(), norm, again)
+                return join(seen.pop("h"), residual(), norm, again)
 
             add(site.layer_norm, layer_norm)
         return seen

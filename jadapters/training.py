@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import flax.struct
 import jax
@@ -33,7 +33,7 @@ from jadapters.errors import AdapterError
 from jadapters.transform import AdaptedModule
 from jadapters.tree import DATA_KEY, adapter_name_at, merge_trees, replace_leaves, restrict, split_adapters, split_data
 
-Which = Literal["enabled", "all"]
+Which = Union[Literal["enabled", "all"], Sequence[str]]
 Variables = Mapping[str, Any]
 Batch = Any
 LossFn = Callable[[Any, Batch], "jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]"]
@@ -43,7 +43,12 @@ ADAPTER_LABEL, FROZEN_LABEL = "adapter", "frozen"
 
 
 def selected_adapters(adapted: AdaptedModule, which: Which = "enabled") -> list[str]:
-    """Names of the adapters that train: the enabled ones, or ``'all'`` of them.
+    """Names of the adapters that train: the enabled ones, ``'all'`` of them, or those listed.
+
+    The fusion layers of the active setup (``Fuse("a", "b")`` keeps its params
+    under the name ``"a,b"``) count as enabled adapters; listing only a fusion
+    name trains it alone, the fused adapters frozen (AdapterHub's
+    ``train_adapter_fusion``).
 
     Example:
         >>> import flax.linen as nn
@@ -53,11 +58,19 @@ def selected_adapters(adapted: AdaptedModule, which: Which = "enabled") -> list[
         >>> selected_adapters(model), selected_adapters(model, "all")
         (['a'], ['a', 'b'])
     """
+    setup = adapted.active_setup
+    fusions = list(dict.fromkeys(f.name for f in setup.fusions())) if setup is not None else []
     if which == "enabled":
-        return adapted.get_enabled_adapters()
+        return adapted.get_enabled_adapters() + fusions
     if which == "all":
-        return adapted.adapter_names()
-    raise AdapterError(f"which must be 'enabled' or 'all', got {which!r}")
+        return adapted.adapter_names() + fusions
+    if isinstance(which, str) or not all(isinstance(n, str) for n in which):
+        raise AdapterError(f"which must be 'enabled', 'all' or a list of adapter or fusion names, got {which!r}")
+    unknown = [n for n in which if n not in adapted.adapter_names() + fusions]
+    if unknown:
+        raise AdapterError(f"which names {unknown}, which are neither adapters of the model {adapted.adapter_names()} "
+                           f"nor fusion layers of its active setup {fusions}")
+    return list(dict.fromkeys(which))
 
 
 def partition(adapted: AdaptedModule, variables: Variables, which: Which = "enabled") -> tuple[dict, dict]:
@@ -371,15 +384,16 @@ def make_train_step(
         metrics = {"loss": loss, "task_loss": task_loss, "aux_loss": aux_loss, **metrics}
         return state.step + 1, trainable, opt_state, kept, metrics
 
-    return TrainStep(adapted=trainer, tx=tx, which=which, update=jax.jit(update) if jit else update, banks=banks)
+    return TrainStep(adapted=trainer, tx=tx, which=which if isinstance(which, str) else tuple(which), update=jax.jit(update) if jit else update, banks=banks)
 
 
 def _banks(adapted: AdaptedModule, names: Sequence[str]) -> tuple[str, ...]:
     """The trained adapters that are adapter banks; they must agree on their number of slots."""
     from jadapters.bank import AdapterBank
 
-    banks = tuple(n for n in names if isinstance(adapted.get_adapter(n).adapter, AdapterBank))
-    slots = {adapted.get_adapter(n).adapter.slots for n in banks}
+    specs = [s for s in adapted.adapters if s.name in set(names) and isinstance(s.adapter, AdapterBank)]
+    banks = tuple(s.name for s in specs)
+    slots = {s.adapter.slots for s in specs}
     if len(slots) > 1:
         raise AdapterError(f"make_train_step: the adapter banks {list(banks)} have different numbers of slots "
                            f"{sorted(slots)}; one batch's adapter_ids name slots of every bank, so they must agree")

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jadapters import composition
+from jadapters.blocks import InResidualBlock
 from jadapters.configs import MethodConfig, as_config
 from jadapters.context import LOSS_COLLECTION, AdapterContext, ChildCall
 from jadapters.errors import AdapterError, UnknownAdapterError
@@ -140,6 +142,7 @@ class AdaptedModule(nn.Module):
     adapters: tuple[AdapterSpec, ...] = ()
     training: bool = False
     freeze_batchnorm: bool = False
+    active_setup: Any = None  # a jadapters.composition block, or None: enabled adapters chained
 
     def __hash__(self) -> int:
         # A static argument of jit must hash; a third-party model may not (Hugging Face's Flax
@@ -149,17 +152,18 @@ class AdaptedModule(nn.Module):
             model_hash = hash(self.model)
         except TypeError:
             model_hash = hash(type(self.model))
-        return hash((model_hash, self.placement, self.adapters, self.training, self.freeze_batchnorm))
+        return hash((model_hash, self.placement, self.adapters, self.training, self.freeze_batchnorm, self.active_setup))
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
     def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
-        """Runs the wrapped model with its enabled adapters.
+        """Runs the wrapped model with its enabled adapters (or its active setup).
 
         ``adapter_ids`` (one integer per row, ``-1`` for the base alone) chooses
         each row's adapter in the model's adapter banks (:class:`jadapters.AdapterBank`).
         """
+        args, kwargs = composition.replicate_inputs(self.active_setup, args, kwargs)
         return self._run_adapted(lambda: self.model(*args, **kwargs), adapter_ids)
 
     def call_method(self, method: str | Callable[..., Any], *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
@@ -185,6 +189,7 @@ class AdaptedModule(nn.Module):
             >>> model.apply(variables, x, method="encode").shape
             (1, 2)
         """
+        args, kwargs = composition.replicate_inputs(self.active_setup, args, kwargs)
         if isinstance(method, str):
             name = method
             if not callable(getattr(type(self.model), name, None)):
@@ -398,6 +403,33 @@ class AdaptedModule(nn.Module):
         return self.clone(adapters=adapters)
 
     @nn.nowrap
+    def set_active(self, setup: "composition.Setup | None") -> "AdaptedModule":
+        """Returns a new module whose adapters run as ``setup`` says (see :mod:`jadapters.composition`).
+
+        ``setup`` is an adapter name, a block (``Stack("a", Fuse("b", "c"))``),
+        or None: every enabled adapter chained in insertion order. While a
+        setup is active, only the adapters it names run, and they must be enabled.
+
+        Example:
+            >>> import flax.linen as nn
+            >>> from jadapters import LinearAdapter, with_adapters, Stack
+            >>> model = with_adapters(nn.Dense(4), {"dense": ""}).add_adapter("a", LinearAdapter(2))
+            >>> model.set_active(Stack("a")).active_setup
+            Stack('a')
+            >>> model.set_active(Stack("a", "b"))
+            Traceback (most recent call last):
+            ...
+            jadapters.errors.AdapterError: the adapter setup Stack('a', 'b') names adapters ['b'] that the model does not have; it has ['a']
+        """
+        setup = composition.as_setup(setup)
+        if setup is not None:
+            unknown = sorted(setup.names() - set(self.adapter_names()))
+            if unknown:
+                raise AdapterError(f"the adapter setup {setup!r} names adapters {unknown} that the model does not "
+                                   f"have; it has {self.adapter_names()}")
+        return self.clone(active_setup=setup)
+
+    @nn.nowrap
     def get_enabled_adapters(self) -> list[str]:
         """Bare names of the enabled adapters, in insertion order."""
         return [s.name for s in self.adapters if s.enabled]
@@ -426,6 +458,10 @@ class AdaptedModule(nn.Module):
         """Returns a new module without the named adapter(s); drop their variables
         with :func:`jadapters.split_adapters`."""
         names = self._resolve_names(name)
+        setup = self.active_setup
+        if setup is not None and names & setup.names():
+            raise AdapterError(f"adapters {sorted(names & setup.names())} are in the active setup {setup!r}; "
+                               f"change it with set_active before removing them")
         return self.clone(adapters=tuple(s for s in self.adapters if s.name not in names))
 
     @nn.nowrap
@@ -572,10 +608,25 @@ class _Session:
         call = next_fun
         if self.adapted.freeze_batchnorm and isinstance(module, nn.BatchNorm):
             call = functools.partial(_batchnorm_on_running_statistics, module, call)
-        for spec in _specs_at(self.adapted.adapters, path):
+        setup = self.adapted.active_setup
+        specs = _specs_at(self.adapted.adapters, path)
+        here = setup
+        if setup is not None:
+            composed = [s for s in specs if s.name in setup.names()]
+        else:
+            # Several bottlenecks in one residual block cannot nest their hooks on the block's
+            # LayerNorm: with no setup they run as AdapterHub runs a list of active adapters, a Stack.
+            composed = [s for s in specs if isinstance(s.strategy, InResidualBlock) and (s.enabled or self.creating)]
+            composed = composed if len(composed) > 1 else []
+            here = composition.Stack(*(s.name for s in composed)) if composed else None
+        for spec in specs:
             self.matched.add(spec.name)
-            # While variables are created, every adapter runs (disabled ones get their variables too).
-            if spec.enabled or self.creating:
+            if spec in composed:
+                if spec is composed[0]:
+                    call = functools.partial(self._run_composed, here, composed, module, path, call)
+            # While variables are created, every adapter runs (disabled ones get their variables too);
+            # with an active setup, only those it names run.
+            elif (spec.enabled and setup is None) or self.creating:
                 call = functools.partial(self._run, spec, module, path, call)
         for parent, hooks in reversed(self._hooks):
             relative = path[len(parent) + 1 :] if parent else path
@@ -587,13 +638,27 @@ class _Session:
         finally:
             self._active.discard(path)
 
-    def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
+    def _adapter_call(self, spec: AdapterSpec, module: nn.Module, path: str, args, kwargs):
         scope = module.scope.push(ADAPTERS_KEY, reuse=True).push(spec.name, reuse=True)
         training = self.adapted.training
-        strategy = spec.strategy
         ctx = AdapterContext(spec.name, path, training, args, kwargs, scope=scope, module=module, session=self,
-                             changes_shape=strategy.changes_shape)
-        adapter = _AdapterCall(spec.adapter.clone(parent=scope), ctx, training)
+                             changes_shape=spec.strategy.changes_shape)
+        return _AdapterCall(spec.adapter.clone(parent=scope), ctx, training), ctx
+
+    def _run_composed(self, setup, specs, module: nn.Module, path: str, call, *args, **kwargs):
+        """The setup's adapters at this module, run together as its blocks say."""
+        disabled = [s.name for s in specs if not s.enabled]
+        if disabled and not self.creating:
+            raise AdapterError(f"adapters {disabled} at {path!r} are in the active setup {setup!r} but disabled; "
+                               f"enable them, or change the setup with set_active")
+        if len(specs) == 1 and composition.only_stacked(setup, specs[0].name):
+            return self._run(specs[0], module, path, call, *args, **kwargs)  # a Stack of one is the adapter alone
+        members = [composition.Member(s, *self._adapter_call(s, module, path, args, kwargs)) for s in specs]
+        return composition.run_setup(setup, members, call, args, kwargs)
+
+    def _run(self, spec: AdapterSpec, module: nn.Module, path: str, call, *args, **kwargs):
+        strategy = spec.strategy
+        adapter, ctx = self._adapter_call(spec, module, path, args, kwargs)
         if strategy.changes_shape:
             return strategy.around(adapter, call, ctx)
         values: list[Any] = []

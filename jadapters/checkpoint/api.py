@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from jadapters import composition
 from jadapters.checkpoint import io
 from jadapters.checkpoint.format import (
     KIND_ADAPTERS,
@@ -83,8 +84,10 @@ def save_adapters(
     root = io.checkpoint_path(path)
     adapted = _require_adapted(adapted, "save_adapters")
     names = _names_to_save(adapted, name)
+    setup = _setup_within(adapted.active_setup, names)
     flat = traverse_util.flatten_dict(variables)
-    chosen = [(p, leaf) for p, leaf in flat.items() if adapter_name_at(p) in names]
+    owners = set(names) | {f.name for f in (setup.fusions() if setup is not None else ())}
+    chosen = [(p, leaf) for p, leaf in flat.items() if adapter_name_at(p) in owners]
     saved = {adapter_name_at(p) for p, _ in chosen}
     empty = [n for n in names if n not in saved]
     if empty:
@@ -95,7 +98,8 @@ def save_adapters(
         )
     records = _records(adapted, names, chosen)
     tree, entries, buffers = io.stored_tree(chosen, pack=True)
-    metadata = _metadata(KIND_ADAPTERS, adapted, records, variables, arrays=entries, buffers=buffers)
+    metadata = _metadata(KIND_ADAPTERS, adapted, records, variables, arrays=entries, buffers=buffers,
+                         active_setup=None if setup is None else setup.to_json())
     return io.write_checkpoint(root, tree, metadata, overwrite=overwrite)
 
 
@@ -144,7 +148,10 @@ def load_adapters(
     if strict:
         _check_placement(adapted, metadata, records)
         _check_fingerprint(variables, metadata, records, step_dir)
-    wanted = {r.name for r in records}
+    setup = _setup_within(_saved_setup(metadata, step_dir), new_model.adapter_names())
+    if setup is not None:
+        new_model = new_model.set_active(setup)
+    wanted = {r.name for r in records} | {f.name for f in (setup.fusions() if setup is not None else ())}
     entries = [e for e in metadata.arrays if adapter_name_at(e.path) in wanted]
     default = _replicated_over_base_mesh(variables) if shardings is None else None
     return new_model, merge_trees(variables, _read(step_dir, metadata, entries, shardings, default))
@@ -172,7 +179,9 @@ def save_model(path: PathLike, adapted: AdaptedModule, variables: Variables, *, 
         raise CheckpointError("save_model: the variables tree is empty")
     records = _records(adapted, adapted.adapter_names(), [(p, x) for p, x in flat if adapter_name_at(p) is not None])
     tree, entries, buffers = io.stored_tree(flat, pack=False)
-    metadata = _metadata(KIND_MODEL, adapted, records, variables, arrays=entries, buffers=buffers)
+    setup = adapted.active_setup
+    metadata = _metadata(KIND_MODEL, adapted, records, variables, arrays=entries, buffers=buffers,
+                         active_setup=None if setup is None else setup.to_json())
     return io.write_checkpoint(root, tree, metadata, overwrite=overwrite)
 
 
@@ -204,6 +213,9 @@ def load_model(
         )
     _check_placement(adapted, metadata, metadata.adapters)
     new_model = _add_specs(adapted, [_rebuild_spec(r, resolve, step_dir) for r in metadata.adapters], step_dir)
+    setup = _saved_setup(metadata, step_dir)
+    if setup is not None:
+        new_model = new_model.set_active(setup)
     return new_model, _read(step_dir, metadata, list(metadata.arrays), shardings)
 
 
@@ -618,6 +630,18 @@ def _check_placement(adapted: AdaptedModule, metadata: Metadata, records: Sequen
                     f"adapter {r.name!r}: module {module_name!r} targeted {list(saved[module_name])} when saved, "
                     f"but {list(declared[module_name])} in this model (pass strict=False to load anyway)"
                 )
+
+
+def _setup_within(setup: Any, names: Sequence[str]) -> Any:
+    """``setup`` if every adapter it names is among ``names``, else None."""
+    return setup if setup is not None and setup.names() <= set(names) else None
+
+
+def _saved_setup(metadata: Metadata, where) -> Any:
+    try:
+        return composition.setup_from_json(metadata.active_setup)
+    except AdapterError as e:
+        raise CheckpointError(f"checkpoint {where}: its active setup cannot be read: {e}") from None
 
 
 def _rebuild_spec(record: AdapterRecord, resolve, where) -> AdapterSpec:

@@ -122,6 +122,7 @@ class Metadata:
     arrays: tuple[ArrayEntry, ...] = ()
     buffers: tuple[Buffer, ...] = ()
     step: Union[int, None] = None
+    active_setup: Any = None  # the model's composition setup (Block.to_json()); absent in older checkpoints
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
