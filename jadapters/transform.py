@@ -616,7 +616,8 @@ class _Session:
         else:
             # Several bottlenecks in one residual block cannot nest their hooks on the block's
             # LayerNorm: with no setup they run as AdapterHub runs a list of active adapters, a Stack.
-            composed = [s for s in specs if isinstance(s.strategy, InResidualBlock) and (s.enabled or self.creating)]
+            composed = [s for s in specs if isinstance(s.strategy, InResidualBlock) and s.enabled
+                        and not s.strategy.is_parallel]
             composed = composed if len(composed) > 1 else []
             here = composition.Stack(*(s.name for s in composed)) if composed else None
         for spec in specs:
