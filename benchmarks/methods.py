@@ -20,8 +20,6 @@ as trainable). Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -35,7 +33,7 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import jadapters  # noqa: E402
-from benchmarks import timing  # noqa: E402
+from benchmarks import cli, timing  # noqa: E402
 from benchmarks.models import GPTLM  # noqa: E402
 from jadapters.blocks import ResidualBlock  # noqa: E402
 from jadapters.presets import ATTENTION_BLOCK, FFN_BLOCK, Preset  # noqa: E402
@@ -188,16 +186,7 @@ def print_report(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = measure(args.rounds, progress=not args.no_progress)
-    print_report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return cli.run(__doc__, lambda args: measure(args.rounds, progress=not args.no_progress), print_report, argv, rounds=15)
 
 
 if __name__ == "__main__":

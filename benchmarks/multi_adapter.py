@@ -26,8 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -43,7 +41,7 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import jadapters  # noqa: E402
-from benchmarks import timing  # noqa: E402
+from benchmarks import cli, timing  # noqa: E402
 from benchmarks.methods import BATCH, LENGTH, LR, PRESET, SIZE, next_token_loss  # noqa: E402
 from benchmarks.models import GPTLM  # noqa: E402
 from jadapters.compiles import count_compilations  # noqa: E402
@@ -209,16 +207,7 @@ def print_report(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = measure(args.rounds, progress=not args.no_progress)
-    print_report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return cli.run(__doc__, lambda args: measure(args.rounds, progress=not args.no_progress), print_report, argv, rounds=15)
 
 
 if __name__ == "__main__":

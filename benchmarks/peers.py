@@ -31,8 +31,6 @@ Needs torch (CPU), peft and adapters next to jadapters, in an environment of the
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
@@ -42,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import cli  # noqa: E402  (argparse and json only: threads are set before jax or torch loads)
 
 BATCH, LENGTH, LR, CLASSES = 32, 128, 1e-4, 3
 PAIRS = {  # JSON key -> (jadapters' variant, torch's variant)
@@ -232,16 +232,8 @@ def print_report(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="CPUs for both frameworks (default: all the process may use)")
-    args = parser.parse_args(argv)
-    result = measure(args.rounds, args.threads)
-    print_report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return cli.run(__doc__, lambda args: measure(args.rounds, args.threads), print_report, argv, rounds=8,
+                   extra=lambda parser: parser.add_argument("--threads", type=int, help="CPUs for both frameworks (default: all the process may use)"))
 
 
 if __name__ == "__main__":

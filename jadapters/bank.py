@@ -55,7 +55,7 @@ from jadapters.errors import AdapterError
 from jadapters.layers import CONV
 from jadapters.registry import register_adapter
 from jadapters.strategies import Strategy
-from jadapters.tree import ADAPTERS_KEY, DATA_KEY, _flat, _unflat, adapter_locations
+from jadapters.tree import ADAPTERS_KEY, DATA_KEY, _flat, _unflat, adapter_locations, split_adapters
 
 #: The bank's per-slot params, stacked on the slot axis.
 SLOTS_KEY = "slots"
@@ -365,13 +365,16 @@ def clear_slot(adapted: Any, variables: Mapping[str, Any], bank: str, slot: int)
     """
     spec = bank_spec(adapted, bank)
     _check_slot(spec, slot)
-    new_nodes = {}
-    for path, node in _bank_nodes(variables, bank).items():
-        stacked = tuple(node[DATA_KEY][GAIN].shape[:-1])
-        fill = 1.0 if spec.adapter.kind == _IA3 else 0.0
-        slots = jax.tree_util.tree_map(lambda leaf: _set_slot(leaf, slot, fill, stacked), node[SLOTS_KEY])
-        new_nodes[path] = {SLOTS_KEY: slots, DATA_KEY: {GAIN: _set_slot(node[DATA_KEY][GAIN], slot, 0.0, stacked)}}
+    new_nodes = {path: _emptied(node, slot, spec.adapter.kind) for path, node in _bank_nodes(variables, bank).items()}
     return _with_nodes(variables, bank, new_nodes)
+
+
+def _emptied(node: Mapping[str, Any], slot: int, kind: str) -> dict:
+    """A bank's node at one layer with ``slot`` empty: identity weights (IA3's ones, else zeros), gain 0."""
+    stacked = tuple(node[DATA_KEY][GAIN].shape[:-1])
+    fill = 1.0 if kind == _IA3 else 0.0
+    slots = jax.tree_util.tree_map(lambda leaf: _set_slot(leaf, slot, fill, stacked), node[SLOTS_KEY])
+    return {SLOTS_KEY: slots, DATA_KEY: {GAIN: _set_slot(node[DATA_KEY][GAIN], slot, 0.0, stacked)}}
 
 
 def _compatible(bank_adapter: nn.Module, source: nn.Module) -> None:
@@ -431,8 +434,7 @@ def hotswap_adapter(
     if not isinstance(source, nn.Module):
         from jadapters.checkpoint import load_adapters
 
-        base = {c: t for c, t in variables.items()}
-        source, source_variables = load_adapters(source, adapted.model, _without_adapters(base))
+        source, source_variables = load_adapters(source, adapted.model, split_adapters(variables)[1])
     if source_variables is None:
         raise AdapterError("hotswap_adapter: give source_variables with an adapted source model")
     names = source.adapter_names()
@@ -453,12 +455,10 @@ def hotswap_adapter(
                            f"{sorted(bank_nodes)[:8]})")
     new_nodes = {}
     for path, node in bank_nodes.items():
-        stacked = tuple(node[DATA_KEY][GAIN].shape[:-1])
         if path not in source_nodes:
-            fill = 1.0 if spec.adapter.kind == _IA3 else 0.0
-            slots = jax.tree_util.tree_map(lambda leaf: _set_slot(leaf, slot, fill, stacked), node[SLOTS_KEY])
-            new_nodes[path] = {SLOTS_KEY: slots, DATA_KEY: {GAIN: _set_slot(node[DATA_KEY][GAIN], slot, 0.0, stacked)}}
+            new_nodes[path] = _emptied(node, slot, spec.adapter.kind)
             continue
+        stacked = tuple(node[DATA_KEY][GAIN].shape[:-1])
         given = _flat(source_nodes[path])
         wanted = _flat(node[SLOTS_KEY])
         extra = sorted("/".join(k) for k in given if k not in wanted)
@@ -488,12 +488,6 @@ def _padded(given: Any, leaf: Any, stacked: tuple[int, ...], name: str, path: st
             f"bank's {target} (only a rank or width up to the bank's is padded)"
         )
     return np.pad(value, [(0, t - g) for g, t in zip(value.shape, target)])
-
-
-def _without_adapters(variables: Mapping[str, Any]) -> dict:
-    from jadapters.tree import split_adapters
-
-    return split_adapters(variables)[1]
 
 
 def bank_slot_axes(variables: Mapping[str, Any], bank: str, data_only: bool = False) -> dict[tuple[str, ...], int]:

@@ -370,21 +370,24 @@ def make_train_step(
         (loss, (mutated, task_loss, aux_loss, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.trainable
         )
-        optimizer = _optimizer(tx, banks, frozen)
-        if banks:
-            from jadapters.bank import slots_present
-
-            present = slots_present(ids, adapted.get_adapter(banks[0]).adapter.slots) if ids is not None else None
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, present=present)
-        else:
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        # Banks: each slot's optimizer state moves only when the batch holds its rows.
+        present = {"present": _slots_present(ids, adapted, banks)} if banks else {}
+        updates, opt_state = _optimizer(tx, banks, frozen).update(grads, state.opt_state, state.trainable, **present)
         trainable = optax.apply_updates(state.trainable, updates)
         changed = {c: mutated[c] for c in collections if c in mutated and c != "params"}
         kept = restrict(split_adapters(changed, names)[0], frozen)
         metrics = {"loss": loss, "task_loss": task_loss, "aux_loss": aux_loss, **metrics}
         return state.step + 1, trainable, opt_state, kept, metrics
 
-    return TrainStep(adapted=trainer, tx=tx, which=which if isinstance(which, str) else tuple(which), update=jax.jit(update) if jit else update, banks=banks)
+    which = which if isinstance(which, str) else tuple(which)
+    return TrainStep(adapted=trainer, tx=tx, which=which, update=jax.jit(update) if jit else update, banks=banks)
+
+
+def _slots_present(ids: Any, adapted: AdaptedModule, banks: Sequence[str]) -> Any:
+    """Which slots of the banks the batch's rows name (None without ids: every slot moves)."""
+    from jadapters.bank import slots_present
+
+    return None if ids is None else slots_present(ids, adapted.get_adapter(banks[0]).adapter.slots)
 
 
 def _banks(adapted: AdaptedModule, names: Sequence[str]) -> tuple[str, ...]:
