@@ -68,7 +68,8 @@ class LinearAdapterMethod(Method):
     """NeMo's LinearAdapter, as a global adapter (the family's global roles)."""
 
     name: str = "linear"
-    spot_families: tuple[str, ...] | None = None
+    # It joins hidden states, whatever the layers: its dtype handling is the same on every family.
+    spot_families: tuple[str, ...] | None = ("gpt", "hf_bert")
 
     def add(self, adapted, family, name, variant):
         adapter = jadapters.LinearAdapter(dim=4, norm_position="pre") if variant == 0 else jadapters.LinearAdapter(
@@ -82,7 +83,7 @@ class MHAAdapterMethod(Method):
     """NeMo's MultiHeadAttentionAdapter on sequence outputs, reading the family's mask where it has one."""
 
     name: str = "mha"
-    spot_families: tuple[str, ...] | None = None
+    spot_families: tuple[str, ...] | None = ("gpt", "hf_bert")
     # A key bias shifts every score of a query by the same amount: softmax ignores it.
     gradient_free: tuple[str, ...] = ("['linear_k']['bias']",)
 
@@ -100,6 +101,8 @@ class LoRAMethod(Method):
     """LoRA on the family's LoRA roles (Dense, multi-head DenseGeneral, Conv, Embed, GPT-2's Conv1D)."""
 
     name: str = "lora"
+    # bfloat16 on every family (each holds other layer kinds LoRA sizes itself from); mask
+    # switching is the core's, checked on the spot families.
     spot_families: tuple[str, ...] | None = None
     mergeable: bool = True
 
